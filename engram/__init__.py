@@ -1,0 +1,37 @@
+"""engram: Engram conditional memory (DeepSeek, arXiv 2601.07372) for PyTorch.
+
+Public API::
+
+    EngramConfig            validated hyper-parameters
+    CompressedTokenizer     raw ids -> canonical ids
+    NgramHashMapping        bit-exact multi-head N-gram hashing
+    MultiHeadEmbedding      flat multi-head table
+    Engram                  the branch module (gate, value, short conv; variants by config)
+    EngramGPT, GPTConfig    a small decoder-only LM with Engram at chosen blocks
+    EngramTokenizer, EngramModule   the seed documents' names (aliases)
+"""
+
+from .compat import EngramModule, EngramTokenizer
+from .config import EngramConfig
+from .hashing import NgramHashMapping
+from .memory import MultiHeadEmbedding
+from .model import EngramGPT, GPTCache, GPTConfig
+from .module import Engram, EngramLayerState
+from .tokenizer import CompressedTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedTokenizer",
+    "Engram",
+    "EngramConfig",
+    "EngramGPT",
+    "EngramLayerState",
+    "EngramModule",
+    "EngramTokenizer",
+    "GPTCache",
+    "GPTConfig",
+    "MultiHeadEmbedding",
+    "NgramHashMapping",
+    "__version__",
+]

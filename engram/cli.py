@@ -1,0 +1,48 @@
+"""``engram`` command line: a thin dispatcher; each subcommand lives in its own module.
+
+Each module named in ``COMMANDS`` provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so ``engram --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("engram.demo", "build an Engram GPT, hash a sentence and run it"),
+    "study": ("engram.study", "train the same GPT with and without Engram and compare"),
+    "train": ("engram.train_cli", "train one model and write report.json"),
+    "generate": ("engram.generate_cli", "sample text from a checkpoint"),
+    "inspect": ("engram.inspect_cli", "gate heatmap, table usage and Engram-off loss"),
+    "bench": ("engram.bench", "time and memory benchmarks (hashing, lookup, step, decode)"),
+    "size": ("engram.sizing", "size Engram tables for a parameter or memory budget"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engram", description="Engram conditional memory for PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                parser.error(f"command {name!r} is not available in this version")
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""EngramGPT: a small decoder-only LM with Engram at chosen blocks (or none).
+
+Shapes: B batch, T new tokens, S cached + new tokens, M residual branches (hc_mult), D width,
+nh attention heads, hd head width, V vocabulary.
+
+Block: ``h += Engram(h, hash)`` (if any), ``h += write * Attn(RMSNorm(read h))``,
+``h += write * MLP(RMSNorm(read h))``. With M > 1 (simple static hyper-connections) the residual
+is M copies after the embedding; each sub-layer reads a learned mix of the branches and writes its
+output to every branch with learned weights; the branches are summed before the final norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import EngramConfig
+from .hashing import NgramHashMapping
+from .module import Engram, EngramLayerState
+from .tokenizer import CompressedTokenizer
+from .validation import check_ids
+
+
+@dataclass
+class GPTConfig:
+    """Backbone hyper-parameters. ``engram=None`` builds the same GPT without Engram."""
+
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    mlp_ratio: float = 4.0
+    rope_theta: float = 10000.0
+    hc_mult: int = 1
+    tie_embeddings: bool = True
+    engram: EngramConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engram, dict):
+            self.engram = EngramConfig.from_dict(self.engram)
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "hc_mult"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even width")
+        if self.engram is not None:
+            e = self.engram
+            if e.hidden_size != self.n_embd:
+                raise ValueError(f"engram.hidden_size={e.hidden_size} must equal n_embd={self.n_embd}")
+            if e.hc_mult != self.hc_mult:
+                raise ValueError(f"engram.hc_mult={e.hc_mult} must equal hc_mult={self.hc_mult}")
+            bad = [i for i in e.layer_ids if i >= self.n_layer]
+            if bad:
+                raise ValueError(f"engram.layer_ids {bad} are past the last block (n_layer={self.n_layer}, 0-based)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["engram"] = None if self.engram is None else self.engram.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``(T, hd/2)`` for integer positions ``(T,)``."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    ang = positions.float()[:, None] * inv[None, :]  # (T, hd/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of ``x`` (B, nh, T, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: list[torch.Tensor] | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            if kv:
+                k = torch.cat([kv[0], k], dim=2)  # (B, nh, S, hd)
+                v = torch.cat([kv[1], v], dim=2)
+            kv[:] = [k, v]
+        S = k.shape[2]
+        if S == T and pad_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            i = torch.arange(T, device=x.device)[:, None] + (S - T)
+            mask = torch.arange(S, device=x.device)[None, :] <= i  # (T, S) causal
+            if pad_mask is not None:
+                # Every query sees itself, so padding rows stay finite (they are never attended).
+                own = torch.arange(S, device=x.device)[None, :] == i
+                mask = (mask[None, None] & pad_mask[:, None, None, :S]) | own  # (B, 1, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class HyperConnection(nn.Module):
+    """Static hyper-connection around one sub-layer: read a mix of M branches, write to all."""
+
+    def __init__(self, hc_mult: int):
+        super().__init__()
+        self.read = nn.Parameter(torch.full((hc_mult,), 1.0 / hc_mult))
+        self.write = nn.Parameter(torch.ones(hc_mult))
+
+    def forward(self, h: torch.Tensor, fn) -> torch.Tensor:
+        x = torch.einsum("btmd,m->btd", h, self.read)  # (B, T, D)
+        return h + fn(x).unsqueeze(2) * self.write[:, None]  # (B, T, M, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_id: int, table_sizes: list[list[int]] | None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.ln1, self.ln2 = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.hc_attn, self.hc_mlp = HyperConnection(cfg.hc_mult), HyperConnection(cfg.hc_mult)
+        self.engram = Engram(cfg.engram, layer_id, table_sizes) if table_sizes is not None else None
+
+    def forward(self, h, hash_ids, cos, sin, kv, pad_mask, engram_state, token_mask):
+        # h: (B, T, M, D)
+        if self.engram is not None:
+            h = h + self.engram(h, hash_ids[self.layer_id], engram_state, token_mask)
+        h = self.hc_attn(h, lambda x: self.attn(self.ln1(x), cos, sin, kv, pad_mask))
+        h = self.hc_mlp(h, lambda x: self.mlp(self.ln2(x)))
+        return h
+
+
+@dataclass
+class GPTCache:
+    """Decode state of one batch: KV per block, Engram n-gram history and conv state, length."""
+
+    kv: list[list[torch.Tensor]] = field(default_factory=list)
+    history: torch.Tensor | None = None  # (B, N-1) compressed ids
+    engram: dict[int, EngramLayerState] = field(default_factory=dict)
+    pad_mask: torch.Tensor | None = None  # (B, S) True = real token
+    length: int = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv = [[t.index_select(0, index) for t in pair] for pair in self.kv]
+        if self.history is not None:
+            self.history = self.history.index_select(0, index)
+        if self.pad_mask is not None:
+            self.pad_mask = self.pad_mask.index_select(0, index)
+        for s in self.engram.values():
+            s.reorder(index)
+
+
+class EngramGPT(nn.Module):
+    """Decoder-only LM with optional Engram branches.
+
+    Args:
+        config: :class:`GPTConfig`; ``config.engram`` selects Engram layers or ``None``.
+        tokenizer: a HF tokenizer or :class:`CompressedTokenizer`; required with Engram.
+    """
+
+    def __init__(self, config: GPTConfig, tokenizer: Any = None):
+        super().__init__()
+        self.config = config
+        self.hashing: NgramHashMapping | None = None
+        sizes: dict[int, list[list[int]]] = {}
+        if config.engram is not None:
+            if tokenizer is None:
+                raise ValueError("an EngramGPT with Engram needs the tokenizer (or a CompressedTokenizer)")
+            self.hashing = NgramHashMapping(config.engram, tokenizer)
+            if self.hashing.compressed.raw_vocab_size > config.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {self.hashing.compressed.raw_vocab_size} ids but vocab_size={config.vocab_size}"
+                )
+            sizes = self.hashing.table_sizes
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i, sizes.get(i)) for i in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if ".engram." in name or p.ndim < 2:
+                continue
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+    # ------------------------------------------------------------------ parameter groups
+    def table_parameters(self) -> list[nn.Parameter]:
+        """Engram embedding tables (own optimizer group: Adam, 5x lr, no weight decay)."""
+        return [b.engram.memory.embedding.weight for b in self.blocks if b.engram is not None]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        table_ids = {id(p) for p in self.table_parameters()}
+        return [p for p in self.parameters() if id(p) not in table_ids]
+
+    def num_params(self) -> dict[str, int]:
+        """``{"dense": ..., "table": ...}`` parameter counts (tied weights counted once)."""
+        table = sum(p.numel() for p in self.table_parameters())
+        return {"dense": sum(p.numel() for p in self.dense_parameters()), "table": table}
+
+    # ------------------------------------------------------------------ forward
+    def new_cache(self) -> GPTCache:
+        return GPTCache(kv=[[] for _ in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
+                hash_ids: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``(B, T, V)`` and mean cross-entropy (if ``targets``; -100 is ignored).
+
+        ``cache`` (from :meth:`new_cache`) makes this an incremental step: ``input_ids`` are the
+        new tokens after everything the cache has seen. ``attention_mask`` (B, S) marks real
+        tokens (left padding for batched prompts). ``hash_ids`` may be precomputed.
+        """
+        check_ids(input_ids, self.config.vocab_size, "input_ids", ndim=2)
+        if input_ids.lt(0).any():
+            raise ValueError("input_ids must be non-negative")
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
+        pad_mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(
+                    f"attention_mask must cover past and new tokens, shape ({B}, {start + T}), got {tuple(attention_mask.shape)}"
+                )
+            pad_mask = attention_mask.bool()  # (B, S)
+        elif cache is not None and cache.pad_mask is not None:
+            pad_mask = torch.cat([cache.pad_mask, cache.pad_mask.new_ones(B, T)], 1)  # (B, S)
+        if cache is not None:
+            cache.pad_mask = pad_mask
+        new_mask = None if pad_mask is None else pad_mask[:, start:]  # (B, T)
+        if self.hashing is not None and hash_ids is None:
+            comp = self.hashing.compress(input_ids)  # (B, T)
+            if new_mask is not None:  # padding reads as the pad history a sequence starts with
+                comp = torch.where(new_mask, comp, self.hashing.pad_id)
+            history = cache.history if cache is not None else None
+            hash_ids = self.hashing.hash_compressed(comp, history)
+            if cache is not None:
+                cache.history = self.hashing.next_history(history, comp)
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        if pad_mask is not None:
+            # Left padding: positions count real tokens only, so a padded row matches its unpadded run.
+            pos_all = (pad_mask.long().cumsum(1) - 1).clamp_min(0)  # (B, S)
+            positions = pos_all[:, start : start + T]  # (B, T)
+        cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions.reshape(-1), self.config.rope_theta)
+        if positions.ndim == 2:
+            cos = cos.view(B, 1, T, -1)
+            sin = sin.view(B, 1, T, -1)
+        h = self.wte(input_ids).unsqueeze(2).expand(B, T, self.config.hc_mult, self.config.n_embd)  # (B, T, M, D)
+        for i, block in enumerate(self.blocks):
+            kv = cache.kv[i] if cache is not None else None
+            est = None
+            if cache is not None and block.engram is not None:
+                est = cache.engram.setdefault(i, EngramLayerState())
+            h = block(h, hash_ids, cos, sin, kv, pad_mask, est, new_mask)
+        if cache is not None:
+            cache.length = start + T
+        logits = self.lm_head(self.ln_f(h.sum(2)))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``input_ids`` (B, T) with a KV cache; temperature 0 = greedy."""
+        cache = self.new_cache()
+        logits, _ = self(input_ids, cache=cache)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+            out.append(nxt)
+            if cache.length >= self.config.block_size:
+                break
+            logits, _ = self(nxt, cache=cache)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B, 1)`` next ids."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)

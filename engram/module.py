@@ -1,0 +1,173 @@
+"""The Engram branch (DESIGN.md §3).
+
+Shapes: B batch, T time, M residual branches (hc_mult), D hidden size, H heads per layer,
+d head row width, E = d_mem = (N-1) * n_embed_per_ngram, W = (kernel-1)*dilation conv history.
+
+For every position the looked-up memory vector ``e`` (B, T, E) gives a shared value
+``v = W_V e`` and, per branch i, a key ``k_i = W_K,i e``; the gate is
+``a_i = sigmoid(signed_sqrt(<RMSNorm(k_i), RMSNorm(h_i)> / sqrt(D)))``; ``u_i = a_i v`` and the
+output is ``Y_i = u_i + SiLU(DepthwiseCausalConv(RMSNorm(u_i)))`` (dilation N, zero-initialised).
+The caller adds ``Y`` to the residual before the layer's attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import EngramConfig
+from .memory import MultiHeadEmbedding
+
+
+@dataclass
+class EngramLayerState:
+    """Decode state of one Engram layer: the last W normalised conv inputs ``(B, W, M*D)``.
+
+    The caller owns it (a cache) and passes it to every forward of one sequence batch; the module
+    reads it as left context and replaces ``conv`` with the updated tail.
+    """
+
+    conv: torch.Tensor | None = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search)."""
+        if self.conv is not None:
+            self.conv = self.conv.index_select(0, index.to(self.conv.device))
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, then a causal depthwise dilated conv over time, then SiLU.
+
+    ``forward(x (B, T, M, D), state) -> (B, T, M, D)``. With ``state`` the conv continues from
+    the stored inputs, so running a sequence in pieces equals running it whole.
+    """
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float):
+        super().__init__()
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.eps = eps
+        channels = hidden_size * hc_mult
+        self.norm_weight = nn.Parameter(torch.ones(hc_mult, hidden_size))
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        nn.init.zeros_(self.conv.weight)  # zero-initialised: the branch starts as Y = u
+
+    @property
+    def state_len(self) -> int:
+        return (self.kernel_size - 1) * self.dilation
+
+    def forward(self, x: torch.Tensor, state: EngramLayerState | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, M, D = x.shape
+        xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
+        if token_mask is not None:  # padding must not leak into real tokens through the conv
+            xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
+        xn = xn.reshape(B, T, M * D)  # (B, T, C)
+        W = self.state_len
+        if state is not None and state.conv is not None:
+            past = state.conv.to(xn.dtype)  # (B, W, C)
+        else:
+            past = xn.new_zeros(B, W, M * D)  # zero padding == the conv's causal padding
+        full = torch.cat([past, xn], dim=1)  # (B, W+T, C)
+        if state is not None:
+            state.conv = full[:, full.shape[1] - W :].detach()
+        y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=M * D)  # (B, C, T)
+        return F.silu(y).transpose(1, 2).reshape(B, T, M, D)
+
+
+class Engram(nn.Module):
+    """One Engram branch.
+
+    Args:
+        config: the Engram config.
+        layer_id: the block this branch belongs to (selects its hash heads).
+        table_sizes: per-order lists of per-head table sizes for this layer (from
+            ``NgramHashMapping.table_sizes[layer_id]``), or a flat list of per-head sizes.
+
+    ``forward(hidden_states, hash_ids, state=None)``: hidden states ``(B, T, D)`` or
+    ``(B, T, M, D)``, hash ids ``(B, T, H)`` -> branch output of the same shape as the hidden
+    states. Add it to the residual.
+    """
+
+    def __init__(self, config: EngramConfig, layer_id: int, table_sizes: list[list[int]] | list[int],
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.config, self.layer_id = config, layer_id
+        flat = [int(s) for order in table_sizes for s in (order if isinstance(order, (list, tuple)) else [order])]
+        if len(flat) != config.n_heads_total:
+            raise ValueError(
+                f"table_sizes gives {len(flat)} heads but the config has {config.n_heads_total} "
+                f"({config.n_orders} orders x {config.n_head_per_ngram} heads)"
+            )
+        D, M, E = config.hidden_size, config.hc_mult, config.memory_dim
+        if config.lite:
+            self.memory = MultiHeadEmbedding(flat, D, sparse=config.sparse_grad, init_std=0.0, device=device)
+            self.lite_scale = nn.Parameter(torch.full((), float(config.lite_scale_init), device=device))
+            return
+        self.memory = MultiHeadEmbedding(flat, config.head_dim, sparse=config.sparse_grad, device=device)
+        self.value_proj = nn.Linear(E, D, bias=config.value_bias, device=device)
+        if config.use_gate:
+            # All M keys in one matmul: (B, T, E) -> (B, T, M*D).
+            self.key_proj = nn.Linear(E, M * D, bias=config.value_bias, device=device)
+            self.key_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
+            self.query_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
+        if config.use_short_conv:
+            self.short_conv = ShortConv(D, M, config.kernel_size, config.conv_dilation, config.conv_norm_eps).to(device)
+        if config.zero_init_output:
+            nn.init.zeros_(self.value_proj.weight)
+            if self.value_proj.bias is not None:
+                nn.init.zeros_(self.value_proj.bias)
+
+    def lookup(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H)`` hash ids -> memory vector ``(B, T, H*d)``."""
+        return self.memory(hash_ids).flatten(-2)  # (B, T, H*d)
+
+    def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
+                state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Branch output, same shape as ``hidden_states``.
+
+        Args:
+            hidden_states: ``(B, T, D)`` (hc_mult 1) or ``(B, T, M, D)``.
+            hash_ids: ``(B, T, H)`` per-head rows from :meth:`NgramHashMapping.hash`.
+            state: decode state; when given, the conv continues from it and it is updated.
+            token_mask: ``(B, T)`` bool, False at padding (kept out of the conv history).
+        """
+        cfg = self.config
+        squeeze = hidden_states.ndim == 3
+        if squeeze:
+            if cfg.hc_mult != 1:
+                raise ValueError(f"hidden_states (B, T, D) given but hc_mult={cfg.hc_mult}; pass (B, T, M, D)")
+            hidden_states = hidden_states.unsqueeze(2)  # (B, T, 1, D)
+        if hidden_states.ndim != 4:
+            raise ValueError(f"hidden_states must be (B, T, D) or (B, T, M, D), got {tuple(hidden_states.shape)}")
+        B, T, M, D = hidden_states.shape
+        if (M, D) != (cfg.hc_mult, cfg.hidden_size):
+            raise ValueError(
+                f"hidden_states has (M, D)=({M}, {D}) but the config has hc_mult={cfg.hc_mult}, "
+                f"hidden_size={cfg.hidden_size}"
+            )
+        if hash_ids.ndim != 3 or hash_ids.shape[:2] != (B, T):
+            raise ValueError(f"hash_ids must be (B, T, H)=({B}, {T}, H), got {tuple(hash_ids.shape)}")
+        rows = self.memory(hash_ids)  # (B, T, H, d)
+        dtype = hidden_states.dtype
+        if cfg.lite:
+            out = (self.lite_scale * rows.sum(2)).to(dtype).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
+            return out.squeeze(2) if squeeze else out
+        e = rows.flatten(-2).to(dtype)  # (B, T, E)
+        v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
+        if cfg.use_gate:
+            k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
+            k = F.rms_norm(k, (D,)) * self.key_norm_weight
+            q = F.rms_norm(hidden_states, (D,)) * self.query_norm_weight
+            z = (k * q).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
+            z = z.abs().clamp_min(1e-6).sqrt() * z.sign()  # signed sqrt, as in the demo
+            u = torch.sigmoid(z) * v  # (B, T, M, D)
+        else:
+            u = v.expand(B, T, M, D)
+        if cfg.use_short_conv:
+            u = u + self.short_conv(u, state, token_mask)  # (B, T, M, D)
+        return u.squeeze(2) if squeeze else u

@@ -1,0 +1,147 @@
+"""Compressed tokenizer: raw tokenizer ids -> canonical ids (DESIGN.md §2.1).
+
+Raw ids whose decoded text is the same after NFKC/NFD/accent-strip/lower-case/whitespace folding
+share one canonical id, so ``"Apple"``, ``" apple"`` and ``"APPLE"`` hit the same N-gram rows.
+The table is built once from a Hugging Face tokenizer and can be serialised (``state_dict`` /
+``from_state_dict``) so that a saved model never rebuilds it differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from .validation import check_ids
+
+_SENTINEL = "\ue000"
+
+
+def _normalizer():
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
+
+
+def _decode_all(tok: Any, n: int) -> list[str]:
+    """``tok.decode([i], skip_special_tokens=False)`` for every id, batched when possible."""
+    ids = [[i] for i in range(n)]
+    if hasattr(tok, "batch_decode"):  # transformers tokenizer: one call into Rust
+        return list(tok.batch_decode(ids, skip_special_tokens=False))
+    if hasattr(tok, "decode_batch"):  # a bare tokenizers.Tokenizer
+        return list(tok.decode_batch(ids, skip_special_tokens=False))
+    return [tok.decode(i, skip_special_tokens=False) for i in ids]
+
+
+def _id_to_token(tok: Any, i: int) -> str:
+    if hasattr(tok, "convert_ids_to_tokens"):
+        return tok.convert_ids_to_tokens(i)
+    return tok.id_to_token(i)
+
+
+def _vocab_len(tok: Any) -> int:
+    if hasattr(tok, "get_vocab_size"):  # tokenizers.Tokenizer
+        return int(tok.get_vocab_size(with_added_tokens=True))
+    return len(tok)
+
+
+def build_lookup_table(tok: Any) -> tuple[np.ndarray, int]:
+    """Return ``(lookup_table, compressed_vocab_size)`` for a HF tokenizer (DESIGN.md §2.1)."""
+    normalizer = _normalizer()
+    n = _vocab_len(tok)
+    texts = _decode_all(tok, n)
+    key_to_new: dict[str, int] = {}
+    lookup = np.empty(n, dtype=np.int64)
+    for tid, text in enumerate(texts):
+        if "\ufffd" in text:
+            key = _id_to_token(tok, tid)
+        else:
+            norm = normalizer.normalize_str(text)
+            key = norm if norm else text
+        lookup[tid] = key_to_new.setdefault(key, len(key_to_new))
+    return lookup, len(key_to_new)
+
+
+class CompressedTokenizer:
+    """Maps raw token ids to canonical (compressed) ids.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer or a ``tokenizers.Tokenizer``; or ``None`` with
+            ``lookup_table`` given (a saved table).
+        lookup_table: raw id -> canonical id, 1-D int64 (skips the build).
+
+    Calling it on ids (numpy array or torch tensor on any device, any shape) returns canonical
+    ids of the same type, shape and device. Negative ids pass through unchanged.
+    """
+
+    def __init__(self, tokenizer: Any = None, lookup_table: np.ndarray | torch.Tensor | None = None):
+        if lookup_table is None:
+            if tokenizer is None:
+                raise ValueError("CompressedTokenizer needs a tokenizer or a lookup_table")
+            table, _ = build_lookup_table(tokenizer)
+        else:
+            table = np.asarray(
+                lookup_table.cpu().numpy() if isinstance(lookup_table, torch.Tensor) else lookup_table,
+                dtype=np.int64,
+            )
+            if table.ndim != 1 or table.size == 0 or table.min() < 0:
+                raise ValueError("lookup_table must be a non-empty 1-D array of non-negative ids")
+        self.lookup_table: np.ndarray = table  # (V_raw,) int64
+        self.num_new_token = int(table.max()) + 1
+        self._torch_tables: dict[torch.device, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.num_new_token
+
+    @property
+    def raw_vocab_size(self) -> int:
+        return int(self.lookup_table.shape[0])
+
+    def fingerprint(self) -> str:
+        """A short digest of the table; two tokenizers compress alike iff it matches."""
+        return hashlib.sha256(self.lookup_table.astype("<i8").tobytes()).hexdigest()[:16]
+
+    def table_on(self, device: torch.device | str) -> torch.Tensor:
+        """The lookup table as a LongTensor on ``device`` (cached)."""
+        device = torch.device(device)
+        t = self._torch_tables.get(device)
+        if t is None:
+            t = torch.from_numpy(self.lookup_table).to(device)
+            self._torch_tables[device] = t
+        return t
+
+    def __call__(self, input_ids: np.ndarray | torch.Tensor | list) -> np.ndarray | torch.Tensor:
+        if isinstance(input_ids, torch.Tensor):
+            check_ids(input_ids, self.raw_vocab_size, "input_ids")
+            table = self.table_on(input_ids.device)
+            ids = input_ids.long()
+            # Negative ids (padding conventions) pass through, as in the reference.
+            return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
+        arr = np.asarray(input_ids)
+        check_ids(arr, self.raw_vocab_size, "input_ids")
+        arr = arr.astype(np.int64, copy=False)
+        return np.where(arr >= 0, self.lookup_table[np.maximum(arr, 0)], arr)
+
+    # ------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, Any]:
+        return {"lookup_table": self.lookup_table.tolist(), "fingerprint": self.fingerprint()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "CompressedTokenizer":
+        ct = cls(lookup_table=np.asarray(state["lookup_table"], dtype=np.int64))
+        if "fingerprint" in state and state["fingerprint"] != ct.fingerprint():
+            raise ValueError("compressed tokenizer state is corrupt: fingerprint does not match table")
+        return ct

@@ -1,0 +1,31 @@
+"""Input checks shared by the tokenizer, the hashing and the modules.
+
+Every public entry point that takes token ids calls :func:`check_ids`, so bad input fails early
+with a message that names the argument and what was wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_INT_NP = (np.integer,)
+
+
+def check_ids(ids: np.ndarray | torch.Tensor, vocab_size: int | None, name: str = "input_ids",
+              ndim: int | None = None) -> None:
+    """Raise ``TypeError`` for non-integer ids, ``ValueError`` for wrong rank or ids >= vocab."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+        too_big = vocab_size is not None and ids.numel() > 0 and bool((ids >= vocab_size).any())
+        top = int(ids.max()) if too_big else None
+    else:
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{name} must hold integers, got dtype {ids.dtype}")
+        too_big = vocab_size is not None and ids.size > 0 and bool((ids >= vocab_size).any())
+        top = int(ids.max()) if too_big else None
+    if ndim is not None and ids.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(ids.shape)}")
+    if too_big:
+        raise ValueError(f"{name} has id {top} >= the tokenizer's vocabulary size {vocab_size}")

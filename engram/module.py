@@ -126,6 +126,19 @@ class Engram(nn.Module):
         """``(B, T, H)`` hash ids -> memory vector ``(B, T, H*d)``."""
         return self.memory(hash_ids).flatten(-2)  # (B, T, H*d)
 
+    def gate(self, e: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Context gate ``a`` ``(B, T, M, 1)`` from memory ``e`` (B, T, E) and hidden states (B, T, M, D).
+
+        A method of its own so tools (``engram inspect``) can hook the per-token gate values.
+        """
+        B, T, M, D = hidden_states.shape
+        k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
+        k = F.rms_norm(k, (D,)) * self.key_norm_weight
+        q = F.rms_norm(hidden_states, (D,)) * self.query_norm_weight
+        z = (k * q).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
+        z = z.abs().clamp_min(1e-6).sqrt() * z.sign()  # signed sqrt, as in the demo
+        return torch.sigmoid(z)  # (B, T, M, 1)
+
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Branch output, same shape as ``hidden_states``.
@@ -160,12 +173,7 @@ class Engram(nn.Module):
         e = rows.flatten(-2).to(dtype)  # (B, T, E)
         v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
         if cfg.use_gate:
-            k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
-            k = F.rms_norm(k, (D,)) * self.key_norm_weight
-            q = F.rms_norm(hidden_states, (D,)) * self.query_norm_weight
-            z = (k * q).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
-            z = z.abs().clamp_min(1e-6).sqrt() * z.sign()  # signed sqrt, as in the demo
-            u = torch.sigmoid(z) * v  # (B, T, M, D)
+            u = self.gate(e, hidden_states) * v  # (B, T, M, D)
         else:
             u = v.expand(B, T, M, D)
         if cfg.use_short_conv:

@@ -63,6 +63,8 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: EngramLayerState | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, M, D = x.shape
+        if T == 0:  # nothing new: the state stays as it is
+            return x.new_zeros(B, 0, M, D)
         xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
         if token_mask is not None:  # padding must not leak into real tokens through the conv
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)

@@ -18,6 +18,16 @@ from .hashing import NgramHashMapping
 from .module import Engram, EngramLayerState
 
 
+class LayerHashes(dict):
+    """``{layer_id: hash ids}`` that also remembers each layer's table sizes.
+
+    The seed documents pass this whole dict to every ``EngramModule``; since every head's prime is
+    unique across layers, a module finds its own entry by its table sizes.
+    """
+
+    table_sizes: dict[int, list[int]]
+
+
 class EngramTokenizer(NgramHashMapping):
     """Seed alias of :class:`NgramHashMapping`: ``EngramTokenizer(config, hf_tokenizer, layer_ids=[...])``."""
 
@@ -39,9 +49,10 @@ class EngramTokenizer(NgramHashMapping):
             input_ids = np.asarray(input_ids)
         if layer_id is not None and layer_id not in self.table_sizes:
             raise ValueError(f"layer_id={layer_id} is not one of this tokenizer's layers {self.layer_ids}")
-        out = self.hash(input_ids)
+        out = LayerHashes(self.hash(input_ids))
         if as_np:
-            out = {k: v.cpu().numpy() for k, v in out.items()}
+            out = LayerHashes({k: v.cpu().numpy() for k, v in out.items()})
+        out.table_sizes = {k: [p for order in v for p in order] for k, v in self.table_sizes.items()}
         return out[layer_id] if layer_id is not None else out
 
 
@@ -74,8 +85,11 @@ class EngramModule(Engram):
     def forward(self, hidden_states: torch.Tensor, hash_ids: Any, state: EngramLayerState | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(hash_ids, dict):
+            mine = [k for k, v in getattr(hash_ids, "table_sizes", {}).items() if v == self.memory.sizes]
             if self.layer_id in hash_ids:
                 hash_ids = hash_ids[self.layer_id]
+            elif len(mine) == 1:
+                hash_ids = hash_ids[mine[0]]
             elif len(hash_ids) == 1:
                 hash_ids = next(iter(hash_ids.values()))
             else:

@@ -1,0 +1,150 @@
+"""Sizing Engram tables: rows per head for a parameter or memory budget, and what it costs.
+
+The paper finds validation loss U-shaped in the share of sparse parameters given to Engram, with
+the optimum near 20-25%. ``plan_tables`` turns a budget (an Engram share of a base model, a table
+parameter count, or bytes of memory) into base rows per head, and reports table and projection
+parameters and bytes per storage dtype. ``engram size`` is its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+from .config import EngramConfig
+from .hashing import head_table_sizes
+
+BYTES_PER = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+@dataclass
+class SizingPlan:
+    """Result of :func:`plan_tables` (all counts are totals over Engram layers)."""
+
+    rows_per_head: int
+    table_params: int
+    projection_params: int
+    table_bytes: dict[str, int]
+    engram_share: float | None
+    config: dict
+
+    def summary(self) -> str:
+        gib = {k: v / 2**30 for k, v in self.table_bytes.items()}
+        share = "" if self.engram_share is None else f" ({100 * self.engram_share:.1f}% of all parameters)"
+        return (
+            f"base rows per head: {self.rows_per_head:,}\n"
+            f"table parameters:   {self.table_params:,}{share}\n"
+            f"dense Engram params: {self.projection_params:,} (projections, norms, conv)\n"
+            "table memory:       " + ", ".join(f"{k} {v:.2f} GiB" for k, v in gib.items())
+        )
+
+
+def projection_params(cfg: EngramConfig) -> int:
+    """Dense parameters of one Engram layer (value/key projections, norms, conv)."""
+    D, M, E = cfg.hidden_size, cfg.hc_mult, cfg.memory_dim
+    if cfg.lite:
+        return 1
+    bias = D if cfg.value_bias else 0
+    n = E * D + bias
+    if cfg.use_gate:
+        n += M * (E * D + bias) + 2 * M * D
+    if cfg.use_short_conv:
+        n += M * D * cfg.kernel_size + M * D
+    return n
+
+
+def plan_tables(cfg: EngramConfig, *, base_params: int | None = None, engram_share: float | None = None,
+                table_params: int | None = None, memory_bytes: int | None = None, dtype: str = "fp32",
+                exact_primes: bool = False) -> SizingPlan:
+    """Choose base rows per head so the tables of ``cfg.layer_ids`` fit one budget.
+
+    Give exactly one budget: ``engram_share`` of all parameters (with ``base_params``, the dense
+    model's size: tables = share/(1-share) * (base + Engram dense)), ``table_params``, or
+    ``memory_bytes`` in ``dtype``. With ``exact_primes`` the real prime sizes are computed (slow
+    for huge tables); otherwise rows are the base size times heads (primes are within a few
+    hundred rows of it, under 1% for a 20k-row base).
+    """
+    budgets = [b is not None for b in (engram_share, table_params, memory_bytes)]
+    if sum(budgets) != 1:
+        raise ValueError("give exactly one of engram_share, table_params, memory_bytes")
+    if dtype not in BYTES_PER:
+        raise ValueError(f"dtype must be one of {sorted(BYTES_PER)}, got {dtype!r}")
+    layers = len(cfg.layer_ids)
+    dense = projection_params(cfg) * layers
+    if engram_share is not None:
+        if not 0 < engram_share < 1:
+            raise ValueError(f"engram_share must be in (0, 1), got {engram_share}")
+        if base_params is None or base_params <= 0:
+            raise ValueError("engram_share needs base_params (the model's parameter count without Engram)")
+        table_params = int(engram_share / (1 - engram_share) * (base_params + dense))
+    elif memory_bytes is not None:
+        table_params = int(memory_bytes // BYTES_PER[dtype])
+    width = cfg.head_dim
+    rows_per_head = int(table_params // (layers * cfg.n_heads_total * width))
+    if rows_per_head < 2:
+        raise ValueError(f"the budget gives {rows_per_head} rows per head; it must allow at least 2")
+    sized = cfg.replace(engram_vocab_size=[rows_per_head] * cfg.n_orders)
+    if exact_primes:
+        rows = sum(p for per in head_table_sizes(sized).values() for order in per for p in order)
+    else:
+        rows = rows_per_head * cfg.n_heads_total * layers
+    total_table = rows * width
+    share = None if base_params is None else total_table / (total_table + base_params + dense)
+    return SizingPlan(
+        rows_per_head=rows_per_head, table_params=total_table, projection_params=dense,
+        table_bytes={k: total_table * b for k, b in BYTES_PER.items()}, engram_share=share,
+        config=sized.to_dict(),
+    )
+
+
+def count_hf_params(model_name_or_path: str) -> tuple[int, int]:
+    """``(parameters, hidden_size)`` of a transformers causal LM, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()), int(config.hidden_size)
+
+
+def _parse_count(text: str) -> int:
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(float(t))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF config name or directory: take base parameters and hidden size from it")
+    p.add_argument("--base-params", type=_parse_count, help="parameters of the model without Engram, e.g. 124M")
+    p.add_argument("--hidden", type=int, help="hidden size D (default: from --model, else 1024)")
+    p.add_argument("--layers", default="1,15", help="comma-separated 0-based Engram block ids")
+    p.add_argument("--max-ngram", type=int, default=3)
+    p.add_argument("--heads", type=int, default=8, help="hash heads per order")
+    p.add_argument("--n-embed", type=int, default=512, help="n_embed_per_ngram")
+    p.add_argument("--hc-mult", type=int, default=1)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--share", type=float, help="Engram tables' share of all parameters (paper: 0.2-0.25)")
+    budget.add_argument("--table-params", type=_parse_count, help="table parameters, e.g. 2B")
+    budget.add_argument("--memory", type=_parse_count, help="bytes of table memory, e.g. 16G")
+    p.add_argument("--dtype", default="fp32", choices=sorted(BYTES_PER), help="storage dtype for --memory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    base, hidden = args.base_params, args.hidden
+    if args.model:
+        counted, model_hidden = count_hf_params(args.model)
+        base = base or counted
+        hidden = hidden or model_hidden
+    hidden = hidden or 1024
+    cfg = EngramConfig(hidden_size=hidden, hc_mult=args.hc_mult, layer_ids=[int(x) for x in args.layers.split(",")],
+                       max_ngram_size=args.max_ngram, n_head_per_ngram=args.heads, n_embed_per_ngram=args.n_embed,
+                       engram_vocab_size=[2] * (args.max_ngram - 1))
+    plan = plan_tables(cfg, base_params=base, engram_share=args.share, table_params=args.table_params,
+                       memory_bytes=args.memory, dtype=args.dtype)
+    print(json.dumps(asdict(plan), indent=2) if args.json else plan.summary())
+    return 0

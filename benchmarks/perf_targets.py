@@ -1,0 +1,138 @@
+"""The four performance targets of issue #5, measured as ratios in one process (ABAB, medians).
+
+Run: ``python benchmarks/perf_targets.py [--reps 7]``. Self-contained on purpose (only the public
+API of ``engram``), so the same script measured the code before and after the performance work.
+
+Model (until ``engram.study`` has a default): GPTConfig(vocab 4096, n_layer 4, n_head 4,
+n_embd 128, block_size 256) with Engram at layer 1, (2,3)-grams x 8 heads, n_embed_per_ngram 128,
+base table rows per head 5,003 (1x) or 500,009 (100x); batch (8, 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from numpy_hash import numpy_hash_from_mapping  # noqa: E402
+
+from engram import EngramConfig  # noqa: E402
+from engram.hashing import NgramHashMapping  # noqa: E402
+from engram.model import EngramGPT, GPTConfig  # noqa: E402
+from engram.optim import build_optimizer  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, run round-robin (ABAB...) so shared-CPU load hits all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SHARED / "reference" / "tokenizer-bpe4096"))
+
+
+def bench_hash(tok, reps: int) -> dict:
+    cfg = EngramConfig()  # 2 layers, (2,3)-grams x 8 heads, default tables
+    m = NgramHashMapping(cfg, tok)
+    ids = np.random.default_rng(0).integers(0, 4096, size=(8, 4096), dtype=np.int64)
+    t_ids = torch.from_numpy(ids)
+    ref = numpy_hash_from_mapping(m, ids)
+    got = m.hash(t_ids)
+    exact = all(np.array_equal(ref[l], got[l].numpy()) for l in ref)
+    med = interleaved({"numpy": lambda: numpy_hash_from_mapping(m, ids), "engram": lambda: m.hash(t_ids)}, reps)
+    n = ids.size
+    return {"bit_exact": exact, "numpy_mtok_s": n / med["numpy"] / 1e6, "engram_mtok_s": n / med["engram"] / 1e6,
+            "speedup": med["numpy"] / med["engram"]}
+
+
+def gpt(tok, rows: int | None, sparse: bool | None = None) -> EngramGPT:
+    eng = None
+    if rows is not None:
+        kw = {} if sparse is None else {"sparse_grad": sparse}
+        eng = EngramConfig(hidden_size=128, layer_ids=[1], n_embed_per_ngram=128, n_head_per_ngram=8,
+                           engram_vocab_size=[rows, rows], **kw)
+    torch.manual_seed(0)
+    return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=256, engram=eng), tok)
+
+
+def step_fn(model, x, y):
+    opts = build_optimizer(model, 1e-3)
+
+    def step():
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        for o in opts:
+            o.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--only", default="hash,table,overhead")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tok = tokenizer()
+    res: dict = {"torch_threads": torch.get_num_threads()}
+    only = args.only.split(",")
+    if "hash" in only:
+        res["hash"] = bench_hash(tok, args.reps)
+        print("hash", res["hash"], flush=True)
+    x = torch.randint(0, 4096, (8, 256))
+    y = torch.randint(0, 4096, (8, 256))
+    if "table" in only:
+        small, big = gpt(tok, 5003), gpt(tok, 500009)
+        med = interleaved({"1x": step_fn(small, x, y), "100x": step_fn(big, x, y)}, args.reps)
+        res["table"] = {"step_s_1x": med["1x"], "step_s_100x": med["100x"], "ratio": med["100x"] / med["1x"],
+                        "sparse_grad": small.config.engram.sparse_grad}
+        print("table", res["table"], flush=True)
+        del small, big
+    if "overhead" in only:
+        base, eng = gpt(tok, None), gpt(tok, 5003)
+        med = interleaved({"base": step_fn(base, x, y), "engram": step_fn(eng, x, y)}, args.reps)
+        res["train_step"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
+        print("train_step", res["train_step"], flush=True)
+
+        def fwd(m):
+            def f():
+                with torch.no_grad():
+                    m(x)
+            return f
+        base.eval(), eng.eval()
+        med = interleaved({"base": fwd(base), "engram": fwd(eng)}, args.reps)
+        res["forward"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
+        print("forward", res["forward"], flush=True)
+        prompt = torch.randint(0, 4096, (1, 16))
+        new = 64
+        med = interleaved({"base": lambda: base.generate(prompt, new, temperature=0),
+                           "engram": lambda: eng.generate(prompt, new, temperature=0)}, args.reps)
+        res["decode"] = {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"],
+                         "ratio": med["base"] / med["engram"]}
+        print("decode", res["decode"], flush=True)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""transformers integration: EngramForCausalLM.from_base on GPT-2 / Llama / Qwen2 / Mistral / Phi.
+
+Tiny models built from configs (no hub). Engram weights are randomised where a test must be able
+to see a wrong decode state (the branch starts at exactly zero, which would hide it).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import engram  # noqa: E402  - registers the Auto classes
+from engram import EngramConfig  # noqa: E402
+from engram.hf import EngramForCausalLM  # noqa: E402
+from engram.hf_cache import EngramCacheLayer  # noqa: E402
+from engram.optim import build_optimizer  # noqa: E402
+from engram.tokenizer import CompressedTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    Qwen2Config,
+)
+
+V, D = 4096, 32
+DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=V, bos_token_id=None, eos_token_id=0, pad_token_id=1)
+    if family == "gpt2":
+        return GPT2Config(n_embd=D, n_layer=3, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **common)
+    kw = dict(hidden_size=D, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=64, **common)
+    if family == "phi":
+        return PhiConfig(resid_pdrop=0.0, embd_pdrop=0.0, **kw)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return cls(num_key_value_heads=2, **kw)
+
+
+def tiny_base(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+def tiny_engram(**kw) -> EngramConfig:
+    base = dict(hidden_size=D, layer_ids=[0, 2], n_embed_per_ngram=16, n_head_per_ngram=2,
+                engram_vocab_size=[1009, 1009])
+    base.update(kw)
+    return EngramConfig(**base)
+
+
+def randomise(model: EngramForCausalLM, seed: int = 1) -> EngramForCausalLM:
+    """Make every Engram weight non-trivial (value projection, gate, conv included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.engram.named_parameters():
+            std = 1.0 if "memory" in name else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def left_padded_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids = torch.where(mask.bool(), ids, 1)  # pad id 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tok(ref_tokenizer):
+    return ref_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- attach
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "phi"])
+def test_identity_at_attach(family, tok):
+    base = tiny_base(family)
+    ids, mask = left_padded_batch()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # the wrapper derives these from the mask
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask, position_ids=pos).logits
+        model = EngramForCausalLM.from_base(base, tiny_engram(), tok).eval()
+        out = model(ids, attention_mask=mask).logits
+    assert out.shape == (3, 7, V)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert sorted(model.engram.keys()) == ["0", "2"]
+    # ... and the branch is really there: once trained it changes the logits.
+    with torch.no_grad():
+        assert (randomise(model)(ids, attention_mask=mask).logits - ref).abs().max() > 1e-3
+
+
+def test_training_moves_logits_and_lowers_loss(tok):
+    model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)
+    ids = torch.randint(2, V, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    opts = build_optimizer(model, lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        for o in opts:
+            o.zero_grad()
+        loss.backward()
+        for o in opts:
+            o.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        after = model(ids).logits
+    assert losses[-1] < losses[0]
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_freeze_backbone_trains_only_engram(tok):
+    model = EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok).freeze_backbone()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    engram_before = {k: v.clone() for k, v in model.engram.state_dict().items()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.engram_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(2, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, backbone_before[k]), k
+    changed = [k for k, v in model.engram.state_dict().items() if not torch.equal(v, engram_before[k])]
+    assert any("memory" in k for k in changed) and any("value_proj" in k for k in changed)
+    model.freeze_backbone(False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _check_steps_match_forward(model, ids, mask, out):
+    """Every step's logits from cached generate == full no-cache forward over the final sequence."""
+    seq = out.sequences
+    B, P = ids.shape
+    full_mask = torch.cat([mask, mask.new_ones(B, seq.shape[1] - P)], dim=1)
+    with torch.no_grad():
+        full = model(seq, attention_mask=full_mask, use_cache=False).logits
+    assert len(out.logits) == seq.shape[1] - P
+    for i, step in enumerate(out.logits):
+        torch.testing.assert_close(step, full[:, P - 1 + i], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_greedy_generate_equals_full_forward_left_padded(family, tok):
+    model = randomise(EngramForCausalLM.from_base(tiny_base(family), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=1, eos_token_id=None)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **kw)
+    _check_steps_match_forward(model, ids, mask, out)
+    # A padded row generates what it generates alone.
+    for row in (1, 2):
+        real = ids[row, mask[row].bool()][None]
+        with torch.no_grad():
+            alone = model.generate(real, attention_mask=torch.ones_like(real), **kw)
+        assert torch.equal(alone.sequences[0, real.shape[1]:], out.sequences[row, ids.shape[1]:])
+        for a, b in zip(alone.logits, out.logits):
+            torch.testing.assert_close(a[0], b[row], rtol=0, atol=1e-4)
+
+
+def test_sampling_generate_equals_full_forward(tok):
+    model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch(1)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
+    _check_steps_match_forward(model, ids, mask, out)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        again = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                               pad_token_id=1, eos_token_id=None)
+    assert torch.equal(again, out.sequences)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi"])
+def test_beam_search_cache_equals_no_cache(family, tok):
+    """Beams reorder the Engram state: cached beam search == beam search recomputing everything."""
+    model = randomise(EngramForCausalLM.from_base(tiny_base(family), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch(2)
+    kw = dict(max_new_tokens=6, num_beams=4, num_return_sequences=4, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, pad_token_id=1, eos_token_id=None, length_penalty=0.0)
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, **kw)
+        plain = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    torch.testing.assert_close(cached.sequences_scores, plain.sequences_scores, rtol=0, atol=1e-4)
+    # The test only means something if beams were actually reordered during the search.
+    steps = cached.beam_indices[:, : kw["max_new_tokens"]]
+    assert (steps[:, 1:] != steps[:, :1]).any() or (steps != torch.arange(steps.shape[0])[:, None]).any()
+
+
+def test_incremental_forward_equals_full_forward(tok):
+    """Prefill + one token at a time through a Cache == one full forward (left padding included)."""
+    from transformers import DynamicCache
+
+    model = randomise(EngramForCausalLM.from_base(tiny_base("mistral"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch(3)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = DynamicCache()  # lazily filled cache: the Engram entry must not take a decoder index
+        parts = [model(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True).logits]
+        for t in range(4, ids.shape[1]):
+            parts.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                               use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-4)
+    state = [layer for layer in cache.layers if isinstance(layer, EngramCacheLayer)]
+    assert len(state) == 1 and cache.layers[-1] is state[0] and state[0].seen == ids.shape[1]
+    assert model._step is None  # nothing of the call is left on the module
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def test_save_load_auto_identical_logits(tok, tmp_path):
+    model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # no tokenizer needed
+    assert isinstance(loaded, EngramForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, ref, rtol=0, atol=0)
+    # The right tokenizer is accepted; the config carries the compression table.
+    AutoModelForCausalLM.from_pretrained(tmp_path, tokenizer=tok)
+    assert loaded.hashing.compressed.fingerprint() == CompressedTokenizer(tok).fingerprint()
+
+
+def test_load_after_import_engram_in_fresh_process(tok, tmp_path):
+    model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
+    ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
+    model.save_pretrained(tmp_path / "m")
+    code = (
+        "import torch, engram; from transformers import AutoModelForCausalLM\n"
+        f"d = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+        "with torch.no_grad(): out = m(d['ids']).logits\n"
+        "assert type(m).__name__ == 'EngramForCausalLM', type(m)\n"
+        "assert torch.equal(out, d['logits']), (out - d['logits']).abs().max()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _other_tokenizer():
+    """A tokenizer of another (small) vocabulary, trained here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel()
+    t.train_from_iterator(["the cat sat on the mat", "engram memory lookup"] * 20,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_mismatched_tokenizer_on_load_is_an_error(tok, tmp_path):
+    EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match the model's saved compression table"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, tokenizer=_other_tokenizer())
+    # Same size, different compression: also refused, never silently rehashed.
+    table = CompressedTokenizer(tok).lookup_table.copy()
+    table[[5, 6]] = table[[6, 5]]
+    with pytest.raises(ValueError, match="fingerprint"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, tokenizer=CompressedTokenizer(lookup_table=table))
+
+
+def test_attach_errors(tok):
+    base = tiny_base("gpt2")
+    with pytest.raises(ValueError, match="hidden size 32"):
+        EngramForCausalLM.from_base(base, tiny_engram(hidden_size=48), tok)
+    with pytest.raises(ValueError, match=r"past the last decoder layer.*3 layers"):
+        EngramForCausalLM.from_base(base, tiny_engram(layer_ids=[1, 3]), tok)
+    small = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=300, n_embd=D, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match="another vocabulary"):
+        EngramForCausalLM.from_base(small, tiny_engram(layer_ids=[0]), tok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        EngramForCausalLM.from_base(base, tiny_engram(), None)
+    from transformers import OPTConfig
+
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2,
+                                                     num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=D))
+    with pytest.raises(ValueError, match="model_type='opt' has no Engram adapter"):
+        EngramForCausalLM.from_base(opt, tiny_engram(layer_ids=[0]), tok)
+
+
+def test_forward_errors(tok):
+    model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)
+    embeds = torch.zeros(1, 4, D)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        model(torch.tensor([[V + 5, 3]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.tensor([[4, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="outside EngramForCausalLM.forward"):
+        model.backbone(torch.tensor([[4, 3]]))
+    # input_ids with matching inputs_embeds is fine (hashing uses the ids)
+    ids = torch.tensor([[4, 3, 9]])
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+        torch.testing.assert_close(model(ids, inputs_embeds=emb).logits, model(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- docs
+def test_docs_example_runs(tmp_path, monkeypatch, ref_tokenizer):
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert blocks, "docs/transformers.md has no python example"
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/transformers.md[python block {i}]", "exec"), {"__name__": "__doc__"})

@@ -359,6 +359,7 @@ class OffloadedMultiHeadEmbedding(nn.Module):
                       if cache_rows else None)
         self.table_requires_grad = table_requires_grad
         self._pending: tuple[torch.Tensor, Any] | None = None  # (hash_ids, future) from a Prefetcher
+        self.prefetch_used = 0  # forwards served by a prefetched gather
 
     # ---------------------------------------------------------------- MultiHeadEmbedding contract
     @property
@@ -398,7 +399,10 @@ class OffloadedMultiHeadEmbedding(nn.Module):
                     "or torch.no_grad() for inference, or offload(where='host') without cache_rows/quantize "
                     "to train the table in place with (sparse) gradients"
                 )
-        return prefetched if prefetched is not None else self.gather(hash_ids)
+        if prefetched is None:
+            return self.gather(hash_ids)
+        self.prefetch_used += 1
+        return prefetched
 
     def _grad_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -85,6 +85,15 @@ def tok(ref_tokenizer):
     return ref_tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids spin-wait contention (10x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------- attach
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "phi"])
 def test_identity_at_attach(family, tok):

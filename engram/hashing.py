@@ -4,10 +4,17 @@ Shapes: B batch, T time, N max_ngram_size, K heads per order, H = (N-1)*K heads 
 
 ``NgramHashMapping.hash(ids)`` compresses raw ids and returns, per Engram layer, the per-head row
 index ``(B, T, H)`` (order-major, no head offset) computed in torch on the ids' device.
+
+Two exact paths compute ``mix mod p`` (``method=``): ``"plain"`` is ``torch.remainder`` on int64
+(a scalar 64-bit division per element on x86), ``"fast"`` (see :func:`split_plan`) reduces the
+64-bit mix to a small float64 sum of its bit chunks times ``2**shift mod p`` and divides by a
+reciprocal multiply. Both give identical rows (tests/test_perf_paths.py checks random and
+adversarial int64 values); ``"auto"`` picks fast for big inputs, plain for decode-sized ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -19,6 +26,18 @@ from .tokenizer import CompressedTokenizer
 from .validation import check_ids
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+# The fast modulo is exact while |S| (a float64 sum of integers, plus 0.5) stays below 2**50:
+# then the relative error of S * fl(1/p) (<= 2**-52) is below the 0.5/p gap to an integer.
+_FAST_SUM_LIMIT = 2**50
+# Chunk widths (top chunk first) tried in order. The lowest chunk is added as is (its factor
+# 2**0 mod p is 1), so it can be wide; every other chunk costs one pass over (B, T, H).
+_CHUNK_WIDTHS = ((20, 44), (12, 12, 40))
+# Elements per CPU op in the fast path: cache-resident pieces, run on one thread (see _hash_fast).
+_CPU_CHUNK_ELEMENTS = 65536
+# Below this many tokens (decode steps) the plain path, with fewer ops, is faster.
+_FAST_MIN_TOKENS = 512
+_METHODS = ("auto", "fast", "plain")
 
 
 def is_prime(n: int) -> bool:
@@ -79,6 +98,54 @@ def head_table_sizes(config: EngramConfig, layer_ids: list[int] | None = None) -
             per_order.append(heads)
         out[layer_id] = per_order
     return out
+
+
+def split_plan(max_prime: int) -> tuple[int, ...] | None:
+    """Bit widths (top chunk first) of the fast modulo's split of an int64, or ``None``.
+
+    ``x = t * 2**s_0 + sum_j c_j * 2**s_j + c_last`` with ``t`` the signed top chunk (arithmetic
+    shift) and ``c_j`` unsigned chunks; modulo ``p`` this is ``S = t*R_0 + sum_j c_j*R_j + c_last``
+    with ``R_j = 2**s_j mod p``: a sum of exact float64 integers, ``|S| < 2**50``. Then
+    ``q = floor((S + 0.5) * fl(1/p))`` is exactly ``floor(S / p)`` because ``S + 0.5`` lies at
+    least ``0.5`` from every multiple of ``p`` and the float error is below ``0.5 / p``; and
+    ``S + 0.5 - q*p`` truncates to ``x mod p``. The fewest chunks that keep ``|S| < 2**50``
+    win; ``None`` when none does (primes >= 2**37: use the plain path).
+    """
+    for widths in _CHUNK_WIDTHS:
+        bound = (2 ** (widths[0] - 1) + sum(2**w for w in widths[1:-1])) * max_prime + 2 ** widths[-1] + 1
+        if bound < _FAST_SUM_LIMIT:
+            return widths
+    return None
+
+
+def fast_mod_constants(primes: list[int], widths: tuple[int, ...]) -> dict[str, list]:
+    """Per-prime constants of the fast modulo: ``R`` (one list per non-lowest chunk), ``inv``, ``negp``."""
+    shifts = [64 - sum(widths[: j + 1]) for j in range(len(widths))]  # last is 0
+    return {
+        "R": [[float(pow(2, s, p)) for p in primes] for s in shifts[:-1]],
+        "inv": [1.0 / p for p in primes],  # correctly rounded (Python int true division)
+        "negp": [-float(p) for p in primes],
+        "shifts": shifts,
+    }
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device):
+    """Run CPU ops on the calling thread only.
+
+    The fast hash is a few ms of cache-resident elementwise passes; on a small, shared machine
+    waking intra-op threads for each costs more than it saves (measured in docs/performance.md).
+    ``torch.set_num_threads`` sets OpenMP's per-thread ICV, so other Python threads are unaffected.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def resolve_pad_id(pad_id: int | str | None, tokenizer: Any) -> int:
@@ -150,6 +217,9 @@ class NgramHashMapping(nn.Module):
             .reshape(-1, config.n_heads_total),
             persistent=False,
         )
+        max_prime = max(p for l in self.layer_ids for order in self.table_sizes[l] for p in order)
+        self.fast_widths = split_plan(max_prime)  # None: primes too big, "fast" falls back to plain
+        self._fast_cache: dict[torch.device, dict[str, Any]] = {}
 
     @property
     def history_len(self) -> int:
@@ -161,23 +231,40 @@ class NgramHashMapping(nn.Module):
         check_ids(input_ids, self.compressed.raw_vocab_size, "input_ids")
         table = self.lookup_table if self.lookup_table.device == input_ids.device else self.compressed.table_on(input_ids.device)
         ids = input_ids.long()
-        return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
+        with _single_thread(ids.device):  # a (B, T) gather: threads cost more than they save here
+            return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Pad-filled history ``(B, N-1)`` of compressed ids for the start of a sequence."""
         return torch.full((batch_size, self.history_len), self.pad_id, dtype=torch.long, device=device)
 
-    def hash_compressed(self, x: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them."""
+    def hash_compressed(self, x: torch.Tensor, history: torch.Tensor | None = None,
+                        method: str = "auto") -> dict[int, torch.Tensor]:
+        """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them.
+
+        ``method``: ``"fast"``, ``"plain"`` or ``"auto"`` (fast from 512 tokens up); all give the
+        same rows.
+        """
+        if method not in _METHODS:
+            raise ValueError(f"method={method!r} must be one of {_METHODS}")
         B, T = x.shape
-        N = self.config.max_ngram_size
         if history is None:
             history = self.initial_history(B, x.device)
-        full = torch.cat([history.to(x.device, torch.long), x], dim=1)  # (B, N-1+T)
+        full = torch.cat([history.to(x.device, torch.long), x.long()], dim=1)  # (B, N-1+T)
+        use_fast = self.fast_widths is not None and (method == "fast" or (method == "auto" and B * T >= _FAST_MIN_TOKENS))
+        if use_fast:
+            with _single_thread(full.device):
+                out = self._hash_fast(full, B, T)  # (L, B, T, O, K)
+            return {lid: out[i].view(B, T, -1) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
+        return self._hash_plain(full, B, T)
+
+    def _hash_plain(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
+        """Reference path: int64 ``torch.remainder`` per order (DESIGN.md §2.4 verbatim)."""
+        N = self.config.max_ngram_size
         # shifts[k][:, t] = id at t-k; the pad-filled history plays the reference's left padding.
         shifts = [full[:, N - 1 - k : N - 1 - k + T] for k in range(N)]  # N x (B, T)
-        mult = self._mult.to(x.device)
-        primes = self._primes.to(x.device)
+        mult = self._mult.to(full.device)
+        primes = self._primes.to(full.device)
         K = self.config.n_head_per_ngram
         out: dict[int, torch.Tensor] = {}
         for li, lid in enumerate(self.layer_ids):
@@ -191,11 +278,74 @@ class NgramHashMapping(nn.Module):
             out[lid] = torch.cat(per_order, dim=-1)  # (B, T, H)
         return out
 
-    def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def _fast_constants(self, device: torch.device) -> dict[str, Any]:
+        """Float64 constants of :func:`fast_mod_constants` on ``device``, built once per device.
+
+        Kept out of the buffers on purpose: ``model.to(torch.bfloat16)`` must not round them.
+        """
+        if device not in self._fast_cache:
+            L, N, K = len(self.layer_ids), self.config.max_ngram_size, self.config.n_head_per_ngram
+            O = N - 1
+            primes = [p for l in self.layer_ids for order in self.table_sizes[l] for p in order]  # L*O*K
+            c = fast_mod_constants(primes, self.fast_widths)
+
+            def f64(v):
+                return torch.tensor(v, dtype=torch.float64, device=device).view(L, 1, O * K)
+
+            # W maps the per-order chunk columns [c_last, t, c_1, ...] (each O wide) to the S of
+            # every head: S = A @ W with A (L, BT, n_chunks*O), one exact float64 matmul.
+            n = len(self.fast_widths)
+            coef = [[1.0] * len(primes)] + c["R"]  # chunk order: lowest (factor 1), top, middle...
+            w = torch.zeros(L, n * O, O * K, dtype=torch.float64)
+            for j, col in enumerate(coef):
+                col_t = torch.tensor(col, dtype=torch.float64).view(L, O, K)
+                for o in range(O):
+                    w[:, j * O + o, o * K : (o + 1) * K] = col_t[:, o]
+            self._fast_cache[device] = {
+                "mult": self._mult.to(device).T.reshape(N, L, 1, 1),  # (N, L, 1, 1)
+                "W": w.to(device), "inv": f64(c["inv"]), "negp": f64(c["negp"]),
+                "shifts": c["shifts"],
+            }
+        return self._fast_cache[device]
+
+    def _hash_fast(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Fast exact path: ``(B, N-1+T)`` padded ids -> rows ``(L, B, T, O, K)`` (see :func:`split_plan`).
+
+        Per token chunk: split each order's mix into bit chunks (A), one batched float64 matmul
+        gives every head's ``S + 0.5`` in the output layout, then a reciprocal multiply, floor and
+        multiply-subtract give the residues; all integers involved stay below 2**50, so exact.
+        """
+        N, K, L = self.config.max_ngram_size, self.config.n_head_per_ngram, len(self.layer_ids)
+        O = N - 1
+        c = self._fast_constants(full.device)
+        widths, shifts = self.fast_widths, c["shifts"]
+        mix = full[:, N - 1 : N - 1 + T] * c["mult"][0]  # (L, B, T) int64, wrapping
+        mixes = []
+        for k in range(1, N):  # orders 2..N
+            mix = torch.bitwise_xor(mix, full[:, N - 1 - k : N - 1 - k + T] * c["mult"][k])
+            mixes.append(mix)
+        mixes = torch.stack(mixes, dim=-1).view(L, B * T, O)  # (L, BT, O)
+        out = torch.empty(L, B * T, O * K, dtype=torch.long, device=full.device)
+        # CPU: token chunks of ~64K outputs (cache-resident); GPU: one chunk.
+        step = max(1, _CPU_CHUNK_ELEMENTS // (L * O * K)) if full.device.type == "cpu" else max(B * T, 1)
+        low_mask = (1 << widths[-1]) - 1
+        for c0 in range(0, B * T, step):
+            m = mixes[:, c0 : c0 + step]  # (L, c, O)
+            cols = [torch.bitwise_and(m, low_mask).double().add_(0.5), (m >> shifts[0]).double()]
+            cols += [torch.bitwise_and(m >> shifts[j], (1 << widths[j]) - 1).double() for j in range(1, len(widths) - 1)]
+            s = torch.bmm(torch.cat(cols, dim=-1), c["W"])  # (L, c, H): S + 0.5, exact
+            q = torch.mul(s, c["inv"]).floor_()  # exactly floor(S / p), see split_plan
+            s.addcmul_(q, c["negp"])  # x mod p + 0.5
+            out[:, c0 : c0 + step].copy_(s)  # truncation drops the 0.5
+        return out.view(L, B, T, O, K)
+
+    def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None,
+             method: str = "auto") -> dict[int, torch.Tensor]:
         """Raw ids ``(B, T)`` -> ``{layer_id: LongTensor (B, T, H)}`` on the ids' device.
 
         ``history`` is the compressed ids ``(B, N-1)`` that precede ``input_ids`` (decoding);
         ``None`` means the sequence starts here (pad-filled history, as in the reference).
+        ``method`` selects the modulo path (see :meth:`hash_compressed`); all are bit-identical.
         """
         if isinstance(input_ids, np.ndarray):
             check_ids(input_ids, None, "input_ids")
@@ -205,7 +355,7 @@ class NgramHashMapping(nn.Module):
             check_ids(input_ids, None, "input_ids")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        return self.hash_compressed(self.compress(input_ids), history)
+        return self.hash_compressed(self.compress(input_ids), history, method)
 
     def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor) -> torch.Tensor:
         """History after appending compressed ids ``(B, T)``: the last N-1 ids."""

@@ -53,6 +53,7 @@ class PhiEngramConfig(PhiConfig):
     engram_hashing: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        kwargs.pop("model_type", None)  # the seed spells PhiEngramConfig(**phi_config.to_dict(), ...)
         super().__post_init__(**kwargs)
         if self.engram_layer_ids is None:
             self.engram_layer_ids = [i for i in DEFAULT_ENGRAM_LAYER_IDS if i < self.num_hidden_layers]

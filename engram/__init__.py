@@ -35,3 +35,8 @@ __all__ = [
     "NgramHashMapping",
     "__version__",
 ]
+
+try:  # transformers integration: registers EngramForCausalLM / PhiEngramForCausalLM with the Auto classes
+    from . import hf  # noqa: F401
+except ImportError:  # transformers not installed: the core works without it
+    pass

@@ -635,6 +635,17 @@ def engram_modules(model: nn.Module) -> list[Engram]:
     return [m for m in model.modules() if isinstance(m, Engram)]
 
 
+def hash_mappings(model: nn.Module) -> list[NgramHashMapping]:
+    """The :class:`NgramHashMapping` objects of ``model``: submodules, or a plain ``.hashing``
+    attribute (the transformers wrapper keeps it outside the module tree)."""
+    found: dict[int, NgramHashMapping] = {}
+    for m in model.modules():
+        for h in (m, getattr(m, "hashing", None)):
+            if isinstance(h, NgramHashMapping):
+                found.setdefault(id(h), h)
+    return list(found.values())
+
+
 def table_path(path: str | os.PathLike, layer_id: int) -> Path:
     """File of layer ``layer_id``'s table in an offload directory."""
     return Path(path) / f"engram_layer{int(layer_id)}.table"
@@ -666,7 +677,7 @@ def offload(model: nn.Module, where: str = "host", path: str | os.PathLike | Non
     engrams = engram_modules(model)
     if not engrams:
         raise ValueError(f"{type(model).__name__} has no Engram modules to offload")
-    hashing = next((m for m in model.modules() if isinstance(m, NgramHashMapping)), None)
+    hashing = next(iter(hash_mappings(model)), None)
     for e in engrams:
         mem = e.memory
         if isinstance(mem, OffloadedMultiHeadEmbedding):

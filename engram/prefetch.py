@@ -27,8 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .hashing import NgramHashMapping
-from .offload import OffloadedMultiHeadEmbedding, engram_modules
+from .offload import OffloadedMultiHeadEmbedding, engram_modules, hash_mappings
 
 
 class _StreamFuture:
@@ -49,14 +48,14 @@ class _StreamFuture:
 class Prefetcher:
     """Gathers offloaded Engram rows ahead of the layers that need them.
 
-    ``Prefetcher(model)`` attaches to every :class:`NgramHashMapping` in ``model``; use
+    ``Prefetcher(model)`` attaches to every ``NgramHashMapping`` of ``model``; use
     :meth:`close` (or ``with Prefetcher(model): ...``) to detach. Only storage modules from
     :mod:`engram.offload` are prefetched; in-memory tables are left alone.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.hashings = [m for m in model.modules() if isinstance(m, NgramHashMapping)]
+        self.hashings = hash_mappings(model)
         if not self.hashings:
             raise ValueError(f"{type(model).__name__} has no NgramHashMapping to prefetch from")
         self.engrams = engram_modules(model)

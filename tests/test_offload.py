@@ -344,3 +344,24 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert blocks, "docs/offload.md has no python example"
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], str(DOC), "exec"), {})
+
+
+def test_transformers_wrapper_offload_and_prefetch(ref_tokenizer, tmp_path):
+    hf = pytest.importorskip("engram.hf")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=32, n_layer=3, n_head=2, n_positions=64,
+                                      eos_token_id=0, pad_token_id=1, bos_token_id=None)).eval()
+    ecfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], n_embed_per_ngram=16, n_head_per_ngram=2,
+                        engram_vocab_size=[1009, 1009])
+    model = hf.EngramForCausalLM.from_base(base, ecfg, ref_tokenizer).eval()
+    with torch.no_grad():
+        for e in (m for m in model.modules() if isinstance(m, Engram)):
+            nn.init.normal_(e.value_proj.weight, std=0.3)
+    ids = torch.randint(2, 4096, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    m = offload(copy.deepcopy(model), "disk", path=tmp_path, cache_rows=16, prefetch=True)
+    assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), ref)
+    assert all(e.memory.prefetch_used > 0 for e in m.modules() if isinstance(e, Engram))
+    m.engram_prefetcher.close()

@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
     MistralConfig,
     PhiConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
 V, D = 4096, 32
@@ -44,7 +45,7 @@ def tiny_config(family: str):
               max_position_embeddings=64, **common)
     if family == "phi":
         return PhiConfig(resid_pdrop=0.0, embd_pdrop=0.0, **kw)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
     return cls(num_key_value_heads=2, **kw)
 
 
@@ -95,7 +96,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------------------------- attach
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "phi"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "mistral", "phi"])
 def test_identity_at_attach(family, tok):
     base = tiny_base(family)
     ids, mask = left_padded_batch()

@@ -1,0 +1,210 @@
+"""``engram train``: train one model, checkpoint it, write ``report.json``.
+
+Also home of the command-line flags that ``engram study`` shares (data, model size, Engram
+settings, optimisation), so both commands parse them one way.
+
+Output layout of ``--out DIR``: ``DIR/checkpoint/`` (see :mod:`engram.checkpoint`) and
+``DIR/report.json``. ``--resume DIR`` continues a run from its last checkpoint to the same result
+an uninterrupted run would reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import EngramConfig
+from .model import GPTConfig
+
+#: Defaults chosen by measurement on a shared 2-core CPU (docs/study.md).
+DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_size=4096,
+                engram_layers="1", table_size=20000, ngram=3, engram_heads=4, engram_dim=128,
+                lr=3e-3, table_lr_mult=5.0, warmup_steps=30, eval_tokens=16384)
+
+
+# ---------------------------------------------------------------------- shared flags
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files (last 10%% of each held out)")
+    g.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out text (then --data is all training text)")
+    g.add_argument("--dataset", metavar="NAME", help="a Hugging Face `datasets` corpus (needs the package and a network)")
+    g.add_argument("--tokenizer", metavar="PATH_OR_NAME", help="HF tokenizer (default: byte-level BPE trained on the data, cached)")
+    g.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"], help="size of the trained BPE (default %(default)s)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=int, default=DEFAULTS["n_layer"], help="transformer blocks (default %(default)s)")
+    g.add_argument("--dim", type=int, default=DEFAULTS["n_embd"], help="model width D (default %(default)s)")
+    g.add_argument("--heads", type=int, default=DEFAULTS["n_head"], help="attention heads (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="context length T (default %(default)s)")
+    g = p.add_argument_group("engram")
+    g.add_argument("--engram-layers", default=DEFAULTS["engram_layers"],
+                   help="comma-separated 0-based blocks with an Engram branch (default %(default)s)")
+    g.add_argument("--table-size", type=int, default=DEFAULTS["table_size"],
+                   help="base table rows per hash head, every order (default %(default)s; each head takes the next unused prime)")
+    g.add_argument("--ngram", type=int, default=DEFAULTS["ngram"], help="max n-gram order (default %(default)s)")
+    g.add_argument("--engram-heads", type=int, default=DEFAULTS["engram_heads"], help="hash heads per order (default %(default)s)")
+    g.add_argument("--engram-dim", type=int, default=DEFAULTS["engram_dim"], help="memory width per order (default %(default)s)")
+
+
+def add_optim_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, help="step budget per model")
+    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds of training per model (own clock)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
+    g.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="dense learning rate (default %(default)s)")
+    g.add_argument("--table-lr-mult", type=float, default=DEFAULTS["table_lr_mult"], help="table lr multiplier (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], help="default %(default)s")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of dense matrices (default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default %(default)s)")
+    g.add_argument("--eval-points", type=int, default=8, help="held-out evaluations over the budget (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"], help="held-out tokens per evaluation (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights and token stream (default %(default)s)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--engram-layers must be comma-separated block indices, got {text!r}") from e
+    if not layers:
+        raise ValueError("--engram-layers is empty")
+    return layers
+
+
+def engram_config_from_args(args: argparse.Namespace, pad_id: int | None = None) -> EngramConfig:
+    """The Engram config the flags describe (the ``engram`` study variant)."""
+    if args.table_size is None or args.table_size < 2:
+        raise ValueError(f"--table-size must be >= 2 rows, got {args.table_size!r}")
+    return EngramConfig(
+        hidden_size=args.dim, layer_ids=parse_layers(args.engram_layers), max_ngram_size=args.ngram,
+        n_embed_per_ngram=args.engram_dim, n_head_per_ngram=args.engram_heads,
+        engram_vocab_size=[args.table_size] * (args.ngram - 1), pad_id=pad_id,
+    )
+
+
+def gpt_config_from_args(args: argparse.Namespace, vocab_size: int, engram: EngramConfig | None) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, n_layer=args.layers, n_head=args.heads, n_embd=args.dim,
+                     block_size=args.seq_len, engram=engram)
+
+
+def train_config_from_args(args: argparse.Namespace, default_steps: int | None = None) -> Any:
+    from .training import TrainConfig  # noqa: PLC0415
+
+    steps = args.steps if args.steps is not None or args.time_budget is not None else default_steps
+    return TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                       table_lr_mult=args.table_lr_mult, grad_clip=args.grad_clip, batch_size=args.batch_size,
+                       seq_len=args.seq_len, seed=args.seed, max_steps=steps, time_budget=args.time_budget,
+                       eval_points=args.eval_points, eval_tokens=args.eval_tokens,
+                       checkpoint_every=getattr(args, "checkpoint_every", 0) or 0)
+
+
+def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: int, tokenizer: Any = None):
+    """``(tokenizer, batcher, eval_data, info)`` from the data flags; errors before anything is written."""
+    from .data import TokenBatcher, encode, eval_batches, get_tokenizer, load_corpus  # noqa: PLC0415
+
+    corpus = load_corpus(args.data, args.eval_data, args.dataset)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(args.tokenizer, corpus.train_text, args.vocab_size)
+    train_ids, eval_ids = encode(tokenizer, corpus.train_text), encode(tokenizer, corpus.eval_text)
+    batcher = TokenBatcher(train_ids, batch_size, seq_len, seed)
+    evals = eval_batches(eval_ids, batch_size, seq_len, args.eval_tokens)
+    info = {"source": corpus.source, "train_tokens": int(len(train_ids)), "eval_tokens": int(len(eval_ids)),
+            "eval_tokens_used": int(sum(y.numel() for _, y in evals)), "tokenizer_vocab": len(tokenizer)}
+    return tokenizer, batcher, evals, info
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def fail(msg: str) -> int:
+    print(f"engram: error: {msg}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------- engram train
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="engram-run", help="output directory (default %(default)s)")
+    p.add_argument("--no-engram", action="store_true", help="train the plain GPT (no Engram branch)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its config and data flags are reused)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (default: only at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    add_data_arguments(p)
+    add_model_arguments(p)
+    add_optim_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, TypeError) as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("engram: interrupted (checkpoint saved)", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from .training import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoint"
+    if args.resume:
+        ck = load_checkpoint(args.resume, load_training_state=True)
+        saved = ck.meta["extra"]
+        tcfg_d = dict(ck.training_state["train_config"])
+        if args.steps is not None:  # a longer (or shorter) budget is the one thing a resume may change
+            tcfg_d["max_steps"] = args.steps
+        tcfg = TrainConfig(**tcfg_d)
+        for k, v in saved.get("data_args", {}).items():
+            setattr(args, k, v)
+        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
+        model = ck.model
+        out = Path(saved.get("out", args.resume)) if args.out == "engram-run" else out
+        ckpt_dir = out / "checkpoint"
+    else:
+        if is_checkpoint(ckpt_dir) and not args.overwrite:
+            raise ValueError(f"{str(ckpt_dir)!r} already holds a checkpoint; use --resume {out} to continue "
+                             "or --overwrite to start again")
+        tcfg = train_config_from_args(args, default_steps=300)
+        # Validate the model flags before the (slower) data work.
+        engram = None if args.no_engram else engram_config_from_args(args, pad_id=0)
+        gpt_config_from_args(args, args.vocab_size, engram)
+        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        engram = None if args.no_engram else engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
+        model = build_model(gpt_config_from_args(args, len(tokenizer), engram), tokenizer, tcfg.seed)
+    name = "baseline" if model.config.engram is None else "engram"
+    trainer = Trainer(model, batcher, tcfg, evals, name=name)
+    if args.resume:
+        trainer.load_state_dict(ck.training_state)
+    data_args = {k: getattr(args, k) for k in ("data", "eval_data", "dataset", "tokenizer", "vocab_size", "eval_tokens")}
+    data_args["data"] = [str(Path(p).resolve()) for p in data_args["data"]] if data_args["data"] else None
+    data_args["eval_data"] = [str(Path(p).resolve()) for p in data_args["eval_data"]] if data_args["eval_data"] else None
+
+    def save(t: Trainer) -> None:
+        save_checkpoint(ckpt_dir, t.model, tokenizer, t.state_dict(),
+                        extra={"data_args": data_args, "out": str(out), "step": t.step, "data": info})
+
+    summary = run_training(trainer, save=save, progress_bar=not args.no_progress)
+    report = {"data": info, "checkpoint": str(ckpt_dir), **summary}
+    write_json_atomic(out / "report.json", report)
+    print(f"{name}: {summary['steps']} steps, {summary['tokens_per_second']:,.0f} tok/s, "
+          f"median step {summary['step_seconds_median'] * 1e3:.1f} ms, final val loss {summary['final_val_loss']:.4f}")
+    print(f"wrote {out / 'report.json'} and {ckpt_dir}")
+    return 0

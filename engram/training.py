@@ -1,0 +1,379 @@
+"""The training loop shared by ``engram study`` and ``engram train``.
+
+Shapes: B batch, T context length.
+
+:class:`Trainer` owns one model, its optimizers (:func:`engram.optim.build_optimizer`: AdamW for
+dense weights, Adam at 5x lr without decay for tables), the schedule (linear warmup, then cosine or
+linear decay of every group's ``base_lr``), gradient clipping and its own clock: ``elapsed``
+counts only the seconds spent inside :meth:`Trainer.train_step`, so several trainers can be
+interleaved in one process (``engram study``) and background load hits all of them alike.
+Evaluation time is kept apart (``eval_seconds``).
+
+Batches are a pure function of ``(seed, step)`` and the schedule of the step (or of the own clock
+with a time budget), so a run resumed from a checkpoint ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .data import TokenBatcher
+from .model import EngramGPT, GPTConfig
+from .optim import build_optimizer
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and budget settings.
+
+    Args:
+        lr: base learning rate of the dense weights (tables get ``table_lr_mult`` x it).
+        min_lr_ratio: the decay ends at ``lr * min_lr_ratio``.
+        warmup_steps: linear warmup steps.
+        decay: ``"cosine"`` or ``"linear"`` decay after warmup (over steps, or over the own clock
+            with a time budget).
+        weight_decay: AdamW decay of dense matrices (tables never decay).
+        table_lr_mult: table learning-rate multiplier (the paper: 5).
+        grad_clip: max global gradient norm (0 = off).
+        batch_size, seq_len: B and T.
+        seed: seed of the weights' init and of the token stream.
+        max_steps: step budget (``None``: only the time budget).
+        time_budget: seconds of own training time (``None``: only the step budget).
+        eval_points: held-out evaluations spread over the budget (plus one at step 0).
+        eval_tokens: held-out tokens per evaluation.
+        checkpoint_every: save every N steps (0 = only at the end).
+    """
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    decay: str = "cosine"
+    weight_decay: float = 0.1
+    table_lr_mult: float = 5.0
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    max_steps: int | None = 300
+    time_budget: float | None = None
+    eval_points: int = 8
+    eval_tokens: int = 16384
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.time_budget is None:
+            raise ValueError("give a step budget (max_steps) or a time budget (time_budget)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps!r} must be >= 1")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget={self.time_budget!r} must be > 0 seconds")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay={self.decay!r} must be 'cosine' or 'linear'")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("batch_size", "seq_len", "eval_points", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Multiplier of every group's ``base_lr``: linear warmup over steps, then decay over ``progress`` in [0, 1]."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.decay == "cosine" else 1 - p
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global norm of the dense gradients; sparse (table) gradients are left as they are.
+
+    Returns the dense gradient norm before clipping. Tables with sparse gradients are updated
+    row-wise by their own optimizer, whose per-row Adam normalisation already bounds the step.
+    """
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    if not dense:
+        return 0.0
+    if max_norm <= 0:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in dense])))
+    return float(torch.nn.utils.clip_grad_norm_(dense, max_norm))
+
+
+def build_model(config: GPTConfig, tokenizer: Any, seed: int) -> EngramGPT:
+    """``EngramGPT(config, tokenizer)`` with weights drawn from ``seed`` (same seed, same dense init)."""
+    torch.manual_seed(seed)
+    return EngramGPT(config, tokenizer)
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (``/proc``; peak RSS where that is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / 1e6
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KiB on Linux
+
+
+def state_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of parameters, gradients and optimizer state (exact, unlike process RSS)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+        if p.grad is not None and not p.grad.is_sparse:
+            total += p.grad.numel() * p.grad.element_size()
+    for opt in optimizers:
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
+
+
+@dataclass
+class CurvePoint:
+    step: int
+    seconds: float
+    tokens: int
+    val_loss: float
+
+
+class Trainer:
+    """Trains one model on a token stream with its own clock, optimizers and curve.
+
+    Args:
+        model: the model (already initialised, e.g. by :func:`build_model`).
+        batcher: the training stream (shared seed across interleaved trainers).
+        config: optimisation and budget settings.
+        eval_data: held-out ``(inputs, targets)`` batches, each ``(B, T)``.
+        name: label for progress bars and reports.
+    """
+
+    def __init__(self, model: EngramGPT, batcher: TokenBatcher, config: TrainConfig,
+                 eval_data: list[tuple[torch.Tensor, torch.Tensor]] | None = None, name: str = "model"):
+        self.model, self.batcher, self.config, self.name = model, batcher, config, name
+        self.eval_data = eval_data or []
+        self.optimizers = build_optimizer(model, config.lr, weight_decay=config.weight_decay,
+                                          table_lr_mult=config.table_lr_mult)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.elapsed = 0.0  # seconds inside train_step only
+        self.eval_seconds = 0.0
+        self.tokens = 0
+        self.step_times: list[float] = []
+        self.losses: list[float] = []
+        self.curve: list[CurvePoint] = []
+        self._next_eval = 0.0  # progress fraction of the next evaluation
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget used (the larger of the step and time fractions)."""
+        c = self.config
+        p = 0.0
+        if c.max_steps is not None:
+            p = max(p, self.step / c.max_steps)
+        if c.time_budget is not None:
+            p = max(p, self.elapsed / c.time_budget)
+        return p
+
+    @property
+    def done(self) -> bool:
+        return self.progress >= 1.0
+
+    def eval_due(self) -> bool:
+        """True at step 0, each 1/eval_points of the budget, and at the end."""
+        if self.curve and self.curve[-1].step == self.step:
+            return False
+        return self.progress >= min(self._next_eval, 1.0)
+
+    # ------------------------------------------------------------------ steps
+    def set_lr(self) -> float:
+        f = lr_factor(self.step, self.progress, self.config)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+        return f
+
+    def train_step(self) -> float:
+        """One optimisation step on batch ``self.step``; returns the training loss."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.set_lr()
+        x, y = self.batcher.batch(self.step)  # (B, T), (B, T)
+        _, loss = self.model(x, y)
+        loss.backward()
+        clip_gradients(self.params, self.config.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.step_times.append(dt)
+        self.losses.append(value)
+        self.step += 1
+        self.tokens += x.numel()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.name}: training loss is {value} at step {self.step}; lower --lr")
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss per token; appends a curve point. Its time is not training time."""
+        if not self.eval_data:
+            raise ValueError("no held-out data to evaluate on")
+        t0 = time.perf_counter()
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.eval_data:
+            _, loss = self.model(x, y)
+            total += float(loss) * y.numel()
+            count += y.numel()
+        val = total / count
+        self.curve.append(CurvePoint(self.step, self.elapsed, self.tokens, val))
+        while self._next_eval <= self.progress:
+            self._next_eval += 1.0 / self.config.eval_points
+        self.eval_seconds += time.perf_counter() - t0
+        return val
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def step_seconds_median(self) -> float:
+        # The first steps pay one-off allocation costs; skip them when there are enough steps.
+        times = self.step_times[3:] if len(self.step_times) > 10 else self.step_times
+        return statistics.median(times) if times else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """The per-run fields of ``report.json``."""
+        counts = self.model.num_params()
+        final = self.curve[-1].val_loss if self.curve else float("nan")
+        return {
+            "name": self.name,
+            "config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "params_dense": counts["dense"],
+            "params_table": counts["table"],
+            "steps": self.step,
+            "tokens": self.tokens,
+            "wall_seconds": self.elapsed,
+            "eval_seconds": self.eval_seconds,
+            "tokens_per_second": self.tokens / self.elapsed if self.elapsed > 0 else float("nan"),
+            "step_seconds_median": self.step_seconds_median,
+            "final_train_loss": statistics.fmean(self.losses[-10:]) if self.losses else float("nan"),
+            "final_val_loss": final,
+            "state_mb": state_bytes(self.model, self.optimizers) / 1e6,
+            "curve": [asdict(c) for c in self.curve],
+        }
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the weights that an exact resume needs."""
+        return {
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "eval_seconds": self.eval_seconds,
+            "tokens": self.tokens,
+            "step_times": list(self.step_times),
+            "losses": list(self.losses),
+            "curve": [asdict(c) for c in self.curve],
+            "next_eval": self._next_eval,
+            "train_config": self.config.to_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        opts = state["optimizers"]
+        if len(opts) != len(self.optimizers):
+            raise ValueError(f"the checkpoint has {len(opts)} optimizers but this model needs {len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers, opts):
+            opt.load_state_dict(sd)
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        self.eval_seconds, self.tokens = float(state["eval_seconds"]), int(state["tokens"])
+        self.step_times, self.losses = list(state["step_times"]), list(state["losses"])
+        self.curve = [CurvePoint(**c) for c in state["curve"]]
+        self._next_eval = float(state["next_eval"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
+                 progress_bar: bool = True) -> dict[str, Any]:
+    """Train until the budget is spent, evaluating on schedule; returns :meth:`Trainer.summary`.
+
+    ``save(trainer)`` is called every ``checkpoint_every`` steps, at the end, and - before the
+    ``KeyboardInterrupt`` propagates - when the user presses Ctrl-C.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    cfg = trainer.config
+    total = cfg.max_steps if cfg.max_steps is not None else None
+    bar = tqdm(total=total, initial=trainer.step, desc=trainer.name, disable=not progress_bar,
+               unit="step", dynamic_ncols=True)
+    try:
+        while True:
+            if trainer.eval_data and trainer.eval_due():
+                bar.set_postfix_str(f"val {trainer.evaluate():.3f}", refresh=False)
+            if trainer.done:
+                break
+            loss = trainer.train_step()
+            bar.update(1)
+            tps = trainer.tokens / max(trainer.elapsed, 1e-9)
+            eta = (1 - trainer.progress) * trainer.elapsed / max(trainer.progress, 1e-9)
+            bar.set_postfix_str(f"loss {loss:.3f} | {tps:,.0f} tok/s | eta {eta:.0f}s", refresh=False)
+            if save is not None and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and not trainer.done:
+                save(trainer)
+    except KeyboardInterrupt:
+        bar.close()
+        if save is not None:
+            print(f"\ninterrupted at step {trainer.step}: saving a checkpoint first", file=sys.stderr)
+            save(trainer)
+        raise
+    bar.close()
+    if save is not None:
+        save(trainer)
+    return trainer.summary()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)

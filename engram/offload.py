@@ -32,6 +32,7 @@ import errno
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,15 @@ class HostRowStore:
 
     def __init__(self, parts: dict[str, torch.Tensor]):
         self.parts = parts
-        self.pinned = all(p.is_pinned() for p in parts.values()) if _cuda_present() else False
 
     def fetch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CPU row ids ``(U,)`` -> parts of those rows (pinned staging when CUDA is present)."""
+        """CPU row ids ``(U,)`` -> parts of those rows (in pinned staging when CUDA is present).
+
+        ``index_select`` runs in C++ without the GIL, so a prefetch thread overlaps the model.
+        """
         out = {}
         for name, src in self.parts.items():
-            if self.pinned:
+            if _cuda_present():
                 buf = torch.empty((rows.numel(), src.shape[1]), dtype=src.dtype, pin_memory=True)
                 out[name] = torch.index_select(src, 0, rows, out=buf)  # (U, n)
             else:
@@ -89,17 +92,16 @@ class HostRowStore:
         return sum(p.numel() * p.element_size() for p in self.parts.values())
 
 
-class DiskRowStore:
+class DiskRowStore(HostRowStore):
     """A table file: a JSON header, then each part's rows at a page-aligned offset.
 
-    Reads go through read-only memory maps (only touched pages are read); writes through
-    ``os.pwrite``. Open with :meth:`open`, make with :meth:`create`.
+    Reads gather from tensors over read-only memory maps (only touched pages are read); writes go
+    through ``os.pwrite``. Open with :meth:`open`, make with :meth:`create`.
     """
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path, self.header = path, header
         self.num_rows = int(header["num_rows"])
-        self._maps: dict[str, np.memmap] = {}
         self._map()
 
     # ---------------------------------------------------------------- file format
@@ -207,20 +209,14 @@ class DiskRowStore:
 
     # ---------------------------------------------------------------- rows
     def _map(self) -> None:
-        self._maps = {
-            name: np.memmap(self.path, dtype=_NP_DTYPES[getattr(torch, p["dtype"])], mode="r",
-                            offset=p["offset"], shape=(self.num_rows, p["cols"]))
-            for name, p in self.header["parts"].items()
-        }
-
-    def fetch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CPU row ids ``(U,)`` -> parts of those rows (pinned when CUDA is present)."""
-        idx = rows.numpy()
-        out = {}
-        for name, mm in self._maps.items():
-            t = torch.from_numpy(np.ascontiguousarray(mm[idx]))  # (U, n): only these rows are paged in
-            out[name] = t.pin_memory() if _cuda_present() else t
-        return out
+        parts = {}
+        for name, p in self.header["parts"].items():
+            mm = np.memmap(self.path, dtype=_NP_DTYPES[getattr(torch, p["dtype"])], mode="r",
+                           offset=p["offset"], shape=(self.num_rows, p["cols"]))
+            with warnings.catch_warnings():  # read-only on purpose: writes go through pwrite
+                warnings.simplefilter("ignore", UserWarning)
+                parts[name] = torch.from_numpy(mm)  # (N, n), a view of the mapping: nothing read yet
+        self.parts = parts
 
     def put(self, rows: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         """Overwrite rows in place with ``pwrite`` (not atomic: for updates, not for creation)."""
@@ -236,7 +232,7 @@ class DiskRowStore:
 
     def drop_page_cache(self) -> None:
         """Evict this file from the OS page cache (cold-cache benchmarks); Linux/POSIX only."""
-        self._maps = {}  # unmap first: mapped pages are not dropped
+        self.parts = {}  # unmap first: mapped pages are not dropped
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -247,6 +243,10 @@ class DiskRowStore:
 
     def nbytes(self) -> int:
         return int(self.header["file_size"])
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self.parts = {}
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -365,3 +365,13 @@ def test_transformers_wrapper_offload_and_prefetch(ref_tokenizer, tmp_path):
     assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), ref)
     assert all(e.memory.prefetch_used > 0 for e in m.modules() if isinstance(e, Engram))
     m.engram_prefetcher.close()
+
+
+def test_host_state_dict_keys_and_loading(model, ids):
+    m = offload(tiny_model(seed=9), "host")
+    assert set(m.state_dict()) == set(model.state_dict())
+    m.load_state_dict(model.state_dict())  # a checkpoint of the in-memory model loads into the host table
+    m.to("cpu")
+    assert m.blocks[0].engram.memory.embedding.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.equal(m(ids)[0], model(ids)[0])

@@ -1,0 +1,116 @@
+"""``engram study``: variants, verdict arithmetic, outputs, bad input, and the docs example."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from engram.cli import main
+from engram.study import VARIANTS, interp, parse_variants, verdict
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "study.md"
+TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
+        "--table-size", "101", "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256",
+        "--warmup-steps", "2", "--eval-points", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path_factory.getbasetemp() / "engram-cache"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = ["the cat", "a dog", "sees", "loves", "the moon", "an apple", "quietly", "the river"]
+    p = tmp_path_factory.mktemp("data") / "text.txt"
+    p.write_text("\n".join(" ".join(rng.choice(words) for _ in range(5)) for _ in range(500)) + "\n")
+    return p
+
+
+def test_parse_variants():
+    assert parse_variants("baseline, engram,lite") == ["baseline", "engram", "lite"]
+    with pytest.raises(ValueError, match="unknown variant.*bogus.*valid variants: baseline, engram, lite, noconv, nogate"):
+        parse_variants("baseline,bogus")
+    with pytest.raises(ValueError, match="distinct"):
+        parse_variants("engram,engram")
+
+
+def test_variants_map_to_config_switches():
+    from engram import EngramConfig
+
+    e = EngramConfig(hidden_size=32, layer_ids=[1], n_embed_per_ngram=32, n_head_per_ngram=2, engram_vocab_size=[11, 11])
+    assert VARIANTS["baseline"](e) is None and VARIANTS["engram"](e) == e
+    assert VARIANTS["lite"](e).lite and not VARIANTS["noconv"](e).use_short_conv and not VARIANTS["nogate"](e).use_gate
+
+
+def test_verdict_interpolates_equal_steps_and_seconds():
+    base = {"name": "baseline", "step_seconds_median": 1.0, "tokens_per_second": 100.0,
+            "curve": [{"step": 0, "seconds": 0.0, "val_loss": 8.0}, {"step": 10, "seconds": 10.0, "val_loss": 4.0}]}
+    eng = {"name": "engram", "step_seconds_median": 2.0, "tokens_per_second": 50.0,
+           "curve": [{"step": 0, "seconds": 0.0, "val_loss": 8.0}, {"step": 5, "seconds": 10.0, "val_loss": 5.0}]}
+    v = verdict([base, eng])["comparisons"][0]
+    # Equal steps: step 5 -> baseline interpolates to 6.0, engram is at 5.0 (ahead by 1).
+    assert v["equal_steps"]["step"] == 5 and v["equal_steps"]["reference_loss"] == pytest.approx(6.0)
+    assert v["equal_steps"]["gap"] == pytest.approx(-1.0) and v["ahead_at_equal_steps"]
+    # Equal seconds: 10 s -> baseline 4.0, engram 5.0 (behind by 1).
+    assert v["equal_seconds"]["gap"] == pytest.approx(1.0) and not v["ahead_at_equal_seconds"]
+    assert v["step_time_overhead"] == pytest.approx(1.0) and v["tokens_per_second_ratio"] == pytest.approx(0.5)
+    assert interp(base["curve"], "seconds", 2.5) == pytest.approx(7.0)
+
+
+def test_study_writes_report_summary_and_plots(tmp_path, text_file, capsys):
+    out = tmp_path / "study"
+    rc = main(["study", "--data", str(text_file), "--steps", "4", "--variants", "baseline,engram,nogate",
+               "--out", str(out), *TINY])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "engram vs baseline" in printed and "per wall-clock second" in printed
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["baseline", "engram", "nogate"]
+    keys = {"name", "config", "params_dense", "params_table", "steps", "tokens", "wall_seconds",
+            "tokens_per_second", "step_seconds_median", "final_val_loss", "curve"}
+    for r in report["runs"]:
+        assert keys <= set(r)
+        assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 32  # same budget, same stream
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == 4
+        assert all(set(c) == {"step", "seconds", "tokens", "val_loss"} for c in r["curve"])
+        assert r["final_val_loss"] == r["curve"][-1]["val_loss"]
+        assert r["rss_delta_mb"] >= 0 and r["state_mb"] > 0
+    by = {r["name"]: r for r in report["runs"]}
+    assert by["baseline"]["params_table"] == 0 and by["engram"]["params_table"] > 0
+    assert by["baseline"]["curve"][0]["val_loss"] == pytest.approx(by["engram"]["curve"][0]["val_loss"], abs=0.05)
+    assert {c["variant"] for c in report["verdict"]["comparisons"]} == {"engram", "nogate"}
+    for f in ("summary.md", "loss_vs_steps.png", "loss_vs_seconds.png"):
+        assert (out / f).stat().st_size > 0
+    assert "## Verdict" in (out / "summary.md").read_text()
+
+
+def test_study_bad_input_writes_nothing(tmp_path, text_file, capsys):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "report.json").write_text('{"good": true}')
+    assert main(["study", "--data", str(tmp_path / "missing.txt"), "--out", str(out), *TINY]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["study", "--data", str(text_file), "--variants", "baseline,turbo", "--out", str(out), *TINY]) == 2
+    assert "valid variants" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["study", "--data", str(empty), "--out", str(out), *TINY]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["study", "--data", str(text_file), "--seq-len", "4096", "--out", str(out), *TINY[:6], *TINY[8:]]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text()) == {"good": True}
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert blocks, "docs/study.md needs a ```python example"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], str(DOCS), "exec"), {"__name__": "__docs__"})

@@ -92,25 +92,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="hash,table,overhead")
+    ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
+                    help="EngramConfig.sparse_grad for the table and overhead runs")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = tokenizer()
     res: dict = {"torch_threads": torch.get_num_threads()}
     only = args.only.split(",")
+    sparse = {"default": None, "on": True, "off": False}[args.sparse]
     if "hash" in only:
         res["hash"] = bench_hash(tok, args.reps)
         print("hash", res["hash"], flush=True)
     x = torch.randint(0, 4096, (8, 256))
     y = torch.randint(0, 4096, (8, 256))
     if "table" in only:
-        small, big = gpt(tok, 5003), gpt(tok, 500009)
+        small, big = gpt(tok, 5003, sparse), gpt(tok, 500009, sparse)
         med = interleaved({"1x": step_fn(small, x, y), "100x": step_fn(big, x, y)}, args.reps)
         res["table"] = {"step_s_1x": med["1x"], "step_s_100x": med["100x"], "ratio": med["100x"] / med["1x"],
                         "sparse_grad": small.config.engram.sparse_grad}
         print("table", res["table"], flush=True)
         del small, big
     if "overhead" in only:
-        base, eng = gpt(tok, None), gpt(tok, 5003)
+        base, eng = gpt(tok, None), gpt(tok, 5003, sparse)
         med = interleaved({"base": step_fn(base, x, y), "engram": step_fn(eng, x, y)}, args.reps)
         res["train_step"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("train_step", res["train_step"], flush=True)

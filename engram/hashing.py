@@ -34,7 +34,7 @@ _FAST_SUM_LIMIT = 2**50
 # 2**0 mod p is 1), so it can be wide; every other chunk costs one pass over (B, T, H).
 _CHUNK_WIDTHS = ((20, 44), (12, 12, 40))
 # Elements per CPU op in the fast path: cache-resident pieces, run on one thread (see _hash_fast).
-_CPU_CHUNK_ELEMENTS = 65536
+_CPU_CHUNK_ELEMENTS = 131072
 # Below this many tokens (decode steps) the plain path, with fewer ops, is faster.
 _FAST_MIN_TOKENS = 512
 _METHODS = ("auto", "fast", "plain")
@@ -106,9 +106,10 @@ def split_plan(max_prime: int) -> tuple[int, ...] | None:
     ``x = t * 2**s_0 + sum_j c_j * 2**s_j + c_last`` with ``t`` the signed top chunk (arithmetic
     shift) and ``c_j`` unsigned chunks; modulo ``p`` this is ``S = t*R_0 + sum_j c_j*R_j + c_last``
     with ``R_j = 2**s_j mod p``: a sum of exact float64 integers, ``|S| < 2**50``. Then
-    ``q = floor((S + 0.5) * fl(1/p))`` is exactly ``floor(S / p)`` because ``S + 0.5`` lies at
-    least ``0.5`` from every multiple of ``p`` and the float error is below ``0.5 / p``; and
-    ``S + 0.5 - q*p`` truncates to ``x mod p``. The fewest chunks that keep ``|S| < 2**50``
+    ``q = floor(S * fl(1/p) + 0.5 * fl(1/p))`` is exactly ``floor(S / p)``: ``(S + 0.5) / p`` lies
+    at least ``0.5 / p`` from every integer, and three roundings err by at most
+    ``3 * 2**-53 * |S| / p < 0.375 / p``. ``S - q*p`` is then the exact residue in ``[0, p)``. The
+    fewest chunks that keep ``|S| < 2**50``
     win; ``None`` when none does (primes >= 2**37: use the plain path).
     """
     for widths in _CHUNK_WIDTHS:
@@ -130,14 +131,14 @@ def fast_mod_constants(primes: list[int], widths: tuple[int, ...]) -> dict[str, 
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device):
+def _single_thread(device: torch.device, numel: int | None = None):
     """Run CPU ops on the calling thread only.
 
     The fast hash is a few ms of cache-resident elementwise passes; on a small, shared machine
     waking intra-op threads for each costs more than it saves (measured in docs/performance.md).
     ``torch.set_num_threads`` sets OpenMP's per-thread ICV, so other Python threads are unaffected.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or (numel is not None and numel < 32768):  # small ops never fork anyway
         yield
         return
     n = torch.get_num_threads()
@@ -227,11 +228,25 @@ class NgramHashMapping(nn.Module):
         return self.config.max_ngram_size - 1
 
     def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Raw ids (any shape, integer) -> compressed ids, on the same device."""
-        check_ids(input_ids, self.compressed.raw_vocab_size, "input_ids")
+        """Raw ids (any shape, integer) -> compressed ids, on the same device.
+
+        Ids >= the tokenizer's size raise ``ValueError`` when checked on the CPU; on an
+        accelerator the check is skipped, since it would stall the host on every call (the
+        gather then fails on the device instead).
+        """
+        check_ids(input_ids, None, "input_ids")
         table = self.lookup_table if self.lookup_table.device == input_ids.device else self.compressed.table_on(input_ids.device)
         ids = input_ids.long()
-        with _single_thread(ids.device):  # a (B, T) gather: threads cost more than they save here
+        # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.
+        with _single_thread(ids.device, ids.numel()):
+            if ids.device.type == "cpu" and ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                if hi >= self.compressed.raw_vocab_size:
+                    raise ValueError(
+                        f"input_ids has id {hi} >= the tokenizer's vocabulary size {self.compressed.raw_vocab_size}"
+                    )
+                if lo >= 0:  # the common case: no negative ids to pass through
+                    return table[ids]
             return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -252,61 +267,60 @@ class NgramHashMapping(nn.Module):
             history = self.initial_history(B, x.device)
         full = torch.cat([history.to(x.device, torch.long), x.long()], dim=1)  # (B, N-1+T)
         use_fast = self.fast_widths is not None and (method == "fast" or (method == "auto" and B * T >= _FAST_MIN_TOKENS))
-        if use_fast:
-            with _single_thread(full.device):
-                out = self._hash_fast(full, B, T)  # (L, B, T, O, K)
-            return {lid: out[i].view(B, T, -1) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
-        return self._hash_plain(full, B, T)
+        with _single_thread(full.device, B * T * self.config.n_heads_total * len(self.layer_ids)):
+            rows = self._hash_fast(full, B, T) if use_fast else self._hash_plain(full, B, T)  # (L, B, T, O, K)
+        return {lid: rows[i].reshape(B, T, -1) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
 
-    def _hash_plain(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
-        """Reference path: int64 ``torch.remainder`` per order (DESIGN.md §2.4 verbatim)."""
-        N = self.config.max_ngram_size
-        # shifts[k][:, t] = id at t-k; the pad-filled history plays the reference's left padding.
-        shifts = [full[:, N - 1 - k : N - 1 - k + T] for k in range(N)]  # N x (B, T)
-        mult = self._mult.to(full.device)
-        primes = self._primes.to(full.device)
-        K = self.config.n_head_per_ngram
-        out: dict[int, torch.Tensor] = {}
-        for li, lid in enumerate(self.layer_ids):
-            m = mult[li]
-            mix = shifts[0] * m[0]  # (B, T) int64, wrapping
-            per_order = []
-            for n in range(2, N + 1):
-                mix = torch.bitwise_xor(mix, shifts[n - 1] * m[n - 1])
-                p = primes[li, (n - 2) * K : (n - 1) * K]  # (K,)
-                per_order.append(torch.remainder(mix.unsqueeze(-1), p))  # (B, T, K), non-negative
-            out[lid] = torch.cat(per_order, dim=-1)  # (B, T, H)
-        return out
+    def _constants(self, device: torch.device) -> dict[str, Any]:
+        """Per-device constants of both paths, built once per device.
 
-    def _fast_constants(self, device: torch.device) -> dict[str, Any]:
-        """Float64 constants of :func:`fast_mod_constants` on ``device``, built once per device.
-
-        Kept out of the buffers on purpose: ``model.to(torch.bfloat16)`` must not round them.
+        Kept out of the buffers on purpose: ``model.to(torch.bfloat16)`` must not round the
+        float64 constants of the fast path.
         """
         if device not in self._fast_cache:
             L, N, K = len(self.layer_ids), self.config.max_ngram_size, self.config.n_head_per_ngram
             O = N - 1
             primes = [p for l in self.layer_ids for order in self.table_sizes[l] for p in order]  # L*O*K
-            c = fast_mod_constants(primes, self.fast_widths)
-
-            def f64(v):
-                return torch.tensor(v, dtype=torch.float64, device=device).view(L, 1, O * K)
-
-            # W maps the per-order chunk columns [c_last, t, c_1, ...] (each O wide) to the S of
-            # every head: S = A @ W with A (L, BT, n_chunks*O), one exact float64 matmul.
-            n = len(self.fast_widths)
-            coef = [[1.0] * len(primes)] + c["R"]  # chunk order: lowest (factor 1), top, middle...
-            w = torch.zeros(L, n * O, O * K, dtype=torch.float64)
-            for j, col in enumerate(coef):
-                col_t = torch.tensor(col, dtype=torch.float64).view(L, O, K)
-                for o in range(O):
-                    w[:, j * O + o, o * K : (o + 1) * K] = col_t[:, o]
-            self._fast_cache[device] = {
+            consts: dict[str, Any] = {
                 "mult": self._mult.to(device).T.reshape(N, L, 1, 1),  # (N, L, 1, 1)
-                "W": w.to(device), "inv": f64(c["inv"]), "negp": f64(c["negp"]),
-                "shifts": c["shifts"],
+                "primes": torch.tensor(primes, dtype=torch.long, device=device).view(L, 1, 1, O, K),
             }
+            if self.fast_widths is not None:
+                c = fast_mod_constants(primes, self.fast_widths)
+                # W maps the per-order chunk columns [c_last, t, c_1, ...] (each O wide) to the S of
+                # every head: S = A @ W with A (L, BT, n_chunks*O), one exact float64 matmul.
+                n = len(self.fast_widths)
+                coef = [[1.0] * len(primes)] + c["R"]  # chunk order: lowest (factor 1), top, middle...
+                w = torch.zeros(L, n * O, O * K, dtype=torch.float64)
+                for j, col in enumerate(coef):
+                    col_t = torch.tensor(col, dtype=torch.float64).view(L, O, K)
+                    for o in range(O):
+                        w[:, j * O + o, o * K : (o + 1) * K] = col_t[:, o]
+                consts.update({
+                    "W": w.to(device),
+                    "inv": torch.tensor(c["inv"], dtype=torch.float64, device=device).view(L, 1, O * K),
+                    "negp": torch.tensor(c["negp"], dtype=torch.float64, device=device).view(L, 1, O * K),
+                    "half_inv": torch.tensor(c["inv"], dtype=torch.float64, device=device).view(L, 1, O * K) * 0.5,
+                    "shifts": c["shifts"],
+                })
+            self._fast_cache[device] = consts
         return self._fast_cache[device]
+
+    def _mixes(self, full: torch.Tensor, T: int) -> torch.Tensor:
+        """``(B, N-1+T)`` padded ids -> ``mix_n`` of every layer and order ``(L, B, T, O)`` (int64, wrapping)."""
+        N = self.config.max_ngram_size
+        mult = self._constants(full.device)["mult"]
+        # full[:, N-1-k : N-1-k+T] is x shifted right by k; the pad-filled history is the left padding.
+        mix = full[:, N - 1 : N - 1 + T] * mult[0]  # (L, B, T)
+        mixes = []
+        for k in range(1, N):  # orders 2..N
+            mix = torch.bitwise_xor(mix, full[:, N - 1 - k : N - 1 - k + T] * mult[k])
+            mixes.append(mix)
+        return torch.stack(mixes, dim=-1)  # (L, B, T, O)
+
+    def _hash_plain(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """Plain path: int64 ``torch.remainder`` (DESIGN.md §2.4 verbatim) -> rows ``(L, B, T, O, K)``."""
+        return torch.remainder(self._mixes(full, T).unsqueeze(-1), self._constants(full.device)["primes"])
 
     def _hash_fast(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """Fast exact path: ``(B, N-1+T)`` padded ids -> rows ``(L, B, T, O, K)`` (see :func:`split_plan`).
@@ -317,26 +331,29 @@ class NgramHashMapping(nn.Module):
         """
         N, K, L = self.config.max_ngram_size, self.config.n_head_per_ngram, len(self.layer_ids)
         O = N - 1
-        c = self._fast_constants(full.device)
+        c = self._constants(full.device)
         widths, shifts = self.fast_widths, c["shifts"]
-        mix = full[:, N - 1 : N - 1 + T] * c["mult"][0]  # (L, B, T) int64, wrapping
-        mixes = []
-        for k in range(1, N):  # orders 2..N
-            mix = torch.bitwise_xor(mix, full[:, N - 1 - k : N - 1 - k + T] * c["mult"][k])
-            mixes.append(mix)
-        mixes = torch.stack(mixes, dim=-1).view(L, B * T, O)  # (L, BT, O)
+        mixes = self._mixes(full, T).view(L, B * T, O)  # (L, BT, O)
+        # A = [c_last, t, c_1, ...] per order: the chunk columns, exact small integers.
+        n = len(widths)
+        a = torch.empty(L, B * T, n * O, dtype=torch.float64, device=full.device)
+        a[..., :O] = torch.bitwise_and(mixes, (1 << widths[-1]) - 1)
+        a[..., O : 2 * O] = mixes >> shifts[0]
+        for j in range(1, n - 1):
+            a[..., (j + 1) * O : (j + 2) * O] = torch.bitwise_and(mixes >> shifts[j], (1 << widths[j]) - 1)
         out = torch.empty(L, B * T, O * K, dtype=torch.long, device=full.device)
-        # CPU: token chunks of ~64K outputs (cache-resident); GPU: one chunk.
+        # CPU: token chunks of ~128K outputs (cache-resident); GPU: one chunk.
         step = max(1, _CPU_CHUNK_ELEMENTS // (L * O * K)) if full.device.type == "cpu" else max(B * T, 1)
-        low_mask = (1 << widths[-1]) - 1
+        # Two scratch buffers reused by every chunk: fresh large allocations page-fault each call.
+        s_buf = torch.empty(L, min(step, B * T), O * K, dtype=torch.float64, device=full.device)
+        q_buf = torch.empty_like(s_buf)
         for c0 in range(0, B * T, step):
-            m = mixes[:, c0 : c0 + step]  # (L, c, O)
-            cols = [torch.bitwise_and(m, low_mask).double().add_(0.5), (m >> shifts[0]).double()]
-            cols += [torch.bitwise_and(m >> shifts[j], (1 << widths[j]) - 1).double() for j in range(1, len(widths) - 1)]
-            s = torch.bmm(torch.cat(cols, dim=-1), c["W"])  # (L, c, H): S + 0.5, exact
-            q = torch.mul(s, c["inv"]).floor_()  # exactly floor(S / p), see split_plan
-            s.addcmul_(q, c["negp"])  # x mod p + 0.5
-            out[:, c0 : c0 + step].copy_(s)  # truncation drops the 0.5
+            n_c = min(step, B * T - c0)
+            s, q = s_buf[:, :n_c], q_buf[:, :n_c]
+            torch.bmm(a[:, c0 : c0 + n_c], c["W"], out=s)  # (L, c, H): S, exact
+            torch.addcmul(c["half_inv"], s, c["inv"], out=q).floor_()  # exactly floor(S / p), see split_plan
+            s.addcmul_(q, c["negp"])  # x mod p, an exact integer in [0, p)
+            out[:, c0 : c0 + n_c].copy_(s)
         return out.view(L, B, T, O, K)
 
     def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None,

@@ -2,9 +2,20 @@
 
 Following the paper, tables use Adam with ``table_lr_mult`` (5x) the base learning rate and no
 weight decay; dense parameters use AdamW (weight decay on matrices only).
+
+A step must cost what the touched rows cost (DESIGN.md §4). Tables built with
+``EngramConfig(sparse_grad=True)`` give sparse row gradients, and :func:`build_optimizer` then
+uses ``torch.optim.SparseAdam`` (lazy Adam: only rows present in the gradient are read or
+written). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
+moments and value there, where dense Adam would decay the moments and still move the row by its
+momentum (tests/test_perf_paths.py pins both facts). Dense-gradient tables keep ``torch.optim.Adam``.
+Both keep two fp32 moments per table entry: ``2 * d * 4`` bytes of optimizer state per row
+(:func:`optimizer_state_bytes` measures it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -22,12 +33,25 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return tables, decay, no_decay
 
 
+def sparse_grad_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that receives sparse gradients (embeddings built ``sparse=True``)."""
+    ids: set[int] = set()
+    for m in model.modules():
+        if getattr(m, "sparse", False) is True:
+            ids.update(id(p) for p in m.parameters(recurse=False))
+        emb = getattr(m, "embedding", None)
+        if isinstance(emb, nn.Embedding) and emb.sparse:
+            ids.add(id(emb.weight))
+    return ids
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, table_lr_mult: float = 5.0,
                     betas: tuple[float, float] = (0.9, 0.95)) -> list[torch.optim.Optimizer]:
     """Optimizers for ``model``: AdamW for dense params, Adam (no decay, ``table_lr_mult`` x lr) for tables.
 
-    Returns a list (one optimizer per kind) so sparse-gradient tables can use their own class.
-    Every group records ``base_lr`` so schedulers scale all groups together.
+    Returns a list (one optimizer per kind): ``AdamW`` (dense), then ``SparseAdam`` for tables
+    with sparse gradients and/or ``Adam`` for tables with dense ones. Every group records
+    ``base_lr`` so schedulers scale all groups together.
     """
     tables, decay, no_decay = split_parameters(model)
     opts: list[torch.optim.Optimizer] = []
@@ -39,5 +63,44 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, tabl
         opts.append(torch.optim.AdamW(dense_groups, lr=lr, betas=betas))
     if tables:
         tlr = lr * table_lr_mult
-        opts.append(torch.optim.Adam([{"params": tables, "base_lr": tlr}], lr=tlr, betas=betas, weight_decay=0.0))
+        sparse_ids = sparse_grad_parameters(model)
+        sparse = [p for p in tables if id(p) in sparse_ids]
+        dense = [p for p in tables if id(p) not in sparse_ids]
+        if sparse:  # lazy Adam: O(rows touched) per step; it has no weight decay, as tables want
+            opts.append(torch.optim.SparseAdam([{"params": sparse, "base_lr": tlr}], lr=tlr, betas=betas))
+        if dense:
+            opts.append(torch.optim.Adam([{"params": dense, "base_lr": tlr}], lr=tlr, betas=betas, weight_decay=0.0))
     return opts
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also accepts sparse (table) gradients.
+
+    The total norm counts every stored value of a sparse gradient once after coalescing
+    (duplicate rows summed, as the optimizer will apply them); all gradients, dense and sparse,
+    are scaled by the same factor. Returns the total norm before clipping.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norms = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            norms.append(torch.linalg.vector_norm(p.grad._values(), norm_type))
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad, norm_type))
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad._values().mul_(scale.to(p.grad.device))
+        else:
+            p.grad.mul_(scale.to(p.grad.device))
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in ``optimizer.state`` tensors (moments, step counters)."""
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values()
+               for v in st.values() if isinstance(v, torch.Tensor))

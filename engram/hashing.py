@@ -269,7 +269,7 @@ class NgramHashMapping(nn.Module):
         use_fast = self.fast_widths is not None and (method == "fast" or (method == "auto" and B * T >= _FAST_MIN_TOKENS))
         with _single_thread(full.device, B * T * self.config.n_heads_total * len(self.layer_ids)):
             rows = self._hash_fast(full, B, T) if use_fast else self._hash_plain(full, B, T)  # (L, B, T, O, K)
-        return {lid: rows[i].reshape(B, T, -1) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
+        return {lid: rows[i].reshape(B, T, self.config.n_heads_total) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
 
     def _constants(self, device: torch.device) -> dict[str, Any]:
         """Per-device constants of both paths, built once per device.

@@ -24,7 +24,8 @@ from .model import GPTConfig
 #: Defaults chosen by measurement on a shared 2-core CPU (docs/study.md).
 DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_size=4096,
                 engram_layers="1", table_size=20000, ngram=3, engram_heads=4, engram_dim=128,
-                lr=3e-3, table_lr_mult=5.0, warmup_steps=30, eval_tokens=16384)
+                lr=3e-3, table_lr_mult=5.0, warmup_steps=30, eval_tokens=16384,
+                sparse_tables=True)
 
 
 # ---------------------------------------------------------------------- shared flags
@@ -51,6 +52,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram", type=int, default=DEFAULTS["ngram"], help="max n-gram order (default %(default)s)")
     g.add_argument("--engram-heads", type=int, default=DEFAULTS["engram_heads"], help="hash heads per order (default %(default)s)")
     g.add_argument("--engram-dim", type=int, default=DEFAULTS["engram_dim"], help="memory width per order (default %(default)s)")
+    g.add_argument("--dense-tables", dest="sparse_tables", action="store_false", default=DEFAULTS["sparse_tables"],
+                   help="dense table gradients and Adam (default: sparse gradients and lazy SparseAdam, O(rows touched))")
 
 
 def add_optim_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +90,7 @@ def engram_config_from_args(args: argparse.Namespace, pad_id: int | None = None)
     return EngramConfig(
         hidden_size=args.dim, layer_ids=parse_layers(args.engram_layers), max_ngram_size=args.ngram,
         n_embed_per_ngram=args.engram_dim, n_head_per_ngram=args.engram_heads,
-        engram_vocab_size=[args.table_size] * (args.ngram - 1), pad_id=pad_id,
+        engram_vocab_size=[args.table_size] * (args.ngram - 1), pad_id=pad_id, sparse_grad=args.sparse_tables,
     )
 
 

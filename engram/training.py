@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import TokenBatcher
 from .model import EngramGPT, GPTConfig
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_grad_norm_
 
 
 @dataclass
@@ -107,17 +107,14 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global norm of the dense gradients; sparse (table) gradients are left as they are.
+    """Clip the global gradient norm over all ``params`` (sparse table gradients included).
 
-    Returns the dense gradient norm before clipping. Tables with sparse gradients are updated
-    row-wise by their own optimizer, whose per-row Adam normalisation already bounds the step.
+    Uses :func:`engram.optim.clip_grad_norm_`, which counts a sparse gradient's coalesced rows and
+    scales dense and sparse gradients by one factor. Returns the norm before clipping (0 if off).
     """
-    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
-    if not dense:
-        return 0.0
     if max_norm <= 0:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in dense])))
-    return float(torch.nn.utils.clip_grad_norm_(dense, max_norm))
+        return 0.0
+    return float(clip_grad_norm_(params, max_norm))
 
 
 def build_model(config: GPTConfig, tokenizer: Any, seed: int) -> EngramGPT:

@@ -69,15 +69,16 @@ def test_train_config_validation(bad):
         TrainConfig(**bad)
 
 
-def test_clip_gradients_skips_sparse_and_clips_dense():
+def test_clip_gradients_covers_sparse_and_dense():
     dense = torch.nn.Parameter(torch.zeros(4))
     dense.grad = torch.full((4,), 3.0)  # norm 6
     table = torch.nn.Parameter(torch.zeros(5, 2))
-    table.grad = torch.sparse_coo_tensor([[1, 3]], torch.ones(2, 2) * 100, (5, 2), check_invariants=True)
+    table.grad = torch.sparse_coo_tensor([[1, 3]], torch.full((2, 2), 4.0), (5, 2), check_invariants=True)  # norm 8
     norm = clip_gradients([dense, table], 1.0)
-    assert norm == pytest.approx(6.0)
-    assert torch.linalg.vector_norm(dense.grad).item() == pytest.approx(1.0, rel=1e-4)
-    assert table.grad.is_sparse and table.grad.to_dense().abs().max() == 100
+    assert norm == pytest.approx(10.0)
+    assert torch.linalg.vector_norm(dense.grad).item() == pytest.approx(0.6, rel=1e-4)
+    assert table.grad.is_sparse and torch.linalg.vector_norm(table.grad.to_dense()).item() == pytest.approx(0.8, rel=1e-4)
+    assert clip_gradients([dense], 0.0) == 0.0  # off
 
 
 def test_lr_reaches_every_optimizer_group():

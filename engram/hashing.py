@@ -319,42 +319,52 @@ class NgramHashMapping(nn.Module):
         return torch.stack(mixes, dim=-1)  # (L, B, T, O)
 
     def _hash_plain(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Plain path: int64 ``torch.remainder`` (DESIGN.md §2.4 verbatim) -> rows ``(L, B, T, O, K)``."""
-        return torch.remainder(self._mixes(full, T).unsqueeze(-1), self._constants(full.device)["primes"])
+        """Plain path -> rows ``(L, B, T, O, K)``."""
+        return self.residues(self._mixes(full, T).view(len(self.layer_ids), B * T, self.config.n_orders), "plain").view(
+            len(self.layer_ids), B, T, self.config.n_orders, self.config.n_head_per_ngram)
 
     def _hash_fast(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Fast exact path: ``(B, N-1+T)`` padded ids -> rows ``(L, B, T, O, K)`` (see :func:`split_plan`).
+        """Fast path -> rows ``(L, B, T, O, K)`` (see :func:`split_plan`)."""
+        return self.residues(self._mixes(full, T).view(len(self.layer_ids), B * T, self.config.n_orders), "fast").view(
+            len(self.layer_ids), B, T, self.config.n_orders, self.config.n_head_per_ngram)
 
-        Per token chunk: split each order's mix into bit chunks (A), one batched float64 matmul
-        gives every head's ``S + 0.5`` in the output layout, then a reciprocal multiply, floor and
-        multiply-subtract give the residues; all integers involved stay below 2**50, so exact.
+    def residues(self, mixes: torch.Tensor, method: str = "fast") -> torch.Tensor:
+        """``mix mod p`` for every head: mixes ``(L, n, O)`` int64 -> rows ``(L, n, O, K)``, non-negative.
+
+        ``"plain"`` is int64 ``torch.remainder`` (DESIGN.md §2.4 verbatim). ``"fast"`` splits
+        each mix into bit chunks (A), one batched float64 matmul gives every head's exact ``S``
+        in the output layout, then a reciprocal multiply-add, floor and multiply-subtract give
+        the residues (see :func:`split_plan`); it needs :attr:`fast_widths`.
         """
-        N, K, L = self.config.max_ngram_size, self.config.n_head_per_ngram, len(self.layer_ids)
-        O = N - 1
-        c = self._constants(full.device)
+        L, n, O = mixes.shape
+        K = self.config.n_head_per_ngram
+        c = self._constants(mixes.device)
+        if method == "plain":
+            return torch.remainder(mixes.unsqueeze(-1), c["primes"].view(L, 1, O, K))
+        if method != "fast" or self.fast_widths is None:
+            raise ValueError(f"method={method!r} must be 'plain' or 'fast' (fast needs primes < 2**37)")
         widths, shifts = self.fast_widths, c["shifts"]
-        mixes = self._mixes(full, T).view(L, B * T, O)  # (L, BT, O)
         # A = [c_last, t, c_1, ...] per order: the chunk columns, exact small integers.
-        n = len(widths)
-        a = torch.empty(L, B * T, n * O, dtype=torch.float64, device=full.device)
+        n_chunks = len(widths)
+        a = torch.empty(L, n, n_chunks * O, dtype=torch.float64, device=mixes.device)
         a[..., :O] = torch.bitwise_and(mixes, (1 << widths[-1]) - 1)
-        a[..., O : 2 * O] = mixes >> shifts[0]
-        for j in range(1, n - 1):
+        a[..., O : 2 * O] = mixes >> shifts[0]  # arithmetic shift: the signed top chunk
+        for j in range(1, n_chunks - 1):
             a[..., (j + 1) * O : (j + 2) * O] = torch.bitwise_and(mixes >> shifts[j], (1 << widths[j]) - 1)
-        out = torch.empty(L, B * T, O * K, dtype=torch.long, device=full.device)
+        out = torch.empty(L, n, O * K, dtype=torch.long, device=mixes.device)
         # CPU: token chunks of ~128K outputs (cache-resident); GPU: one chunk.
-        step = max(1, _CPU_CHUNK_ELEMENTS // (L * O * K)) if full.device.type == "cpu" else max(B * T, 1)
+        step = max(1, _CPU_CHUNK_ELEMENTS // (L * O * K)) if mixes.device.type == "cpu" else max(n, 1)
         # Two scratch buffers reused by every chunk: fresh large allocations page-fault each call.
-        s_buf = torch.empty(L, min(step, B * T), O * K, dtype=torch.float64, device=full.device)
+        s_buf = torch.empty(L, min(step, n), O * K, dtype=torch.float64, device=mixes.device)
         q_buf = torch.empty_like(s_buf)
-        for c0 in range(0, B * T, step):
-            n_c = min(step, B * T - c0)
+        for c0 in range(0, n, step):
+            n_c = min(step, n - c0)
             s, q = s_buf[:, :n_c], q_buf[:, :n_c]
             torch.bmm(a[:, c0 : c0 + n_c], c["W"], out=s)  # (L, c, H): S, exact
             torch.addcmul(c["half_inv"], s, c["inv"], out=q).floor_()  # exactly floor(S / p), see split_plan
             s.addcmul_(q, c["negp"])  # x mod p, an exact integer in [0, p)
             out[:, c0 : c0 + n_c].copy_(s)
-        return out.view(L, B, T, O, K)
+        return out.view(L, n, O, K)
 
     def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None,
              method: str = "auto") -> dict[int, torch.Tensor]:

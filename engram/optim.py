@@ -8,7 +8,9 @@ A step must cost what the touched rows cost (DESIGN.md §4). Tables built with
 uses ``torch.optim.SparseAdam`` (lazy Adam: only rows present in the gradient are read or
 written). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
 moments and value there, where dense Adam would decay the moments and still move the row by its
-momentum (tests/test_perf_paths.py pins both facts). Dense-gradient tables keep ``torch.optim.Adam``.
+momentum (tests/test_perf_paths.py pins both facts). One more convention differs: Adam adds
+``eps`` after bias-correcting ``v``, SparseAdam before, which matters only for gradients near
+``eps``. Dense-gradient tables keep ``torch.optim.Adam``.
 Both keep two fp32 moments per table entry: ``2 * d * 4`` bytes of optimizer state per row
 (:func:`optimizer_state_bytes` measures it).
 """

@@ -1,0 +1,274 @@
+"""Fast paths of issue #5 against their plain paths (no timing asserts: see benchmarks/ and `engram bench`).
+
+- hashing: fast exact modulo == int64 ``torch.remainder`` on random and adversarial int64 mixes,
+  and fast == plain == the NumPy oracle (benchmarks/numpy_hash.py) on ids;
+- ShortConv: shifted multiply-adds == ``F.conv1d``, outputs and gradients, whole and in pieces;
+- tables: SparseAdam == dense Adam on rows touched at every step, and the documented lazy
+  difference on rows skipped at a step; ``build_optimizer`` picks it for sparse tables;
+- ``clip_grad_norm_`` with sparse gradients == clipping the densified gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engram import EngramConfig
+from engram.hashing import NgramHashMapping, split_plan
+from engram.model import EngramGPT, GPTConfig
+from engram.module import Engram, EngramLayerState, ShortConv
+from engram.optim import build_optimizer, clip_grad_norm_, optimizer_state_bytes
+from engram.tokenizer import CompressedTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _numpy_oracle():
+    spec = importlib.util.spec_from_file_location("numpy_hash", ROOT / "benchmarks" / "numpy_hash.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
+    """A compressed tokenizer without HF: raw id i -> canonical i // 2 (pairs merge, as casing does)."""
+    return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
+
+
+def mapping(sizes=(211, 307), **kw) -> NgramHashMapping:
+    cfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], max_ngram_size=3, n_embed_per_ngram=16,
+                       n_head_per_ngram=4, engram_vocab_size=list(sizes), pad_id=1, seed=3, **kw)
+    return NgramHashMapping(cfg, tiny_tokenizer())
+
+
+# ---------------------------------------------------------------------------------- hashing
+def adversarial_mixes(n_random: int = 4000) -> torch.Tensor:
+    edges = [0, 1, -1, 2, -2, INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1]
+    for b in range(1, 63):  # around every power of two, both signs, and chunk boundaries
+        for d in (-1, 0, 1):
+            edges += [2**b + d, -(2**b) + d]
+    edges = [min(max(e, INT64_MIN), INT64_MAX) for e in edges]
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(INT64_MIN, INT64_MAX, (n_random,), generator=g, dtype=torch.long)
+    return torch.cat([torch.tensor(edges, dtype=torch.long), rand])
+
+
+@pytest.mark.parametrize("sizes", [(211, 307), (646_400, 646_400), (2**29, 2**30), (2**33, 2**34)])
+def test_fast_residues_equal_remainder_on_adversarial_int64(sizes):
+    m = mapping(sizes)
+    assert m.fast_widths is not None
+    vals = adversarial_mixes()
+    primes = m._constants(torch.device("cpu"))["primes"]  # (L, 1, 1, O, K)
+    L, O, K = primes.shape[0], primes.shape[3], primes.shape[4]
+    # Also multiples of each prime and their neighbours: residues 0 and p-1.
+    p = primes.flatten()
+    near = torch.cat([p * 12345 + d for d in (-1, 0, 1)] + [-(p * 777) + d for d in (-1, 0, 1)])
+    vals = torch.cat([vals, near])
+    mixes = vals.view(1, -1, 1).expand(L, -1, O).contiguous()  # (L, n, O)
+    fast = m.residues(mixes, "fast")
+    plain = m.residues(mixes, "plain")
+    assert torch.equal(fast, plain)
+    # and against Python's exact big-int modulo for a sample
+    pl = primes.view(L, O, K)
+    for i in range(0, vals.numel(), 97):
+        v = int(vals[i])
+        assert int(fast[0, i, 1, 2]) == v % int(pl[0, 1, 2])
+
+
+def test_split_plan_limits():
+    assert split_plan(646_403) == (20, 44)
+    assert split_plan(2**33) == (12, 12, 40)
+    assert split_plan(2**40) is None  # too big: the plain path is used
+    big = mapping((2**40, 2**40))
+    assert big.fast_widths is None
+    ids = torch.randint(0, 97, (2, 600))
+    assert all(torch.equal(a, b) for a, b in zip(big.hash(ids).values(), big.hash(ids, method="plain").values()))
+    with pytest.raises(ValueError, match="method"):
+        big.hash(ids, method="fast-ish")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 700), (4, 0)])
+def test_fast_hash_equals_plain_and_numpy_oracle(shape):
+    m = mapping((5003, 7001))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, shape, generator=g)
+    fast, plain = m.hash(ids, method="fast"), m.hash(ids, method="plain")
+    auto = m.hash(ids)
+    ref = _numpy_oracle().numpy_hash_from_mapping(m, ids.numpy())
+    for lid in m.layer_ids:
+        assert fast[lid].shape == (*shape, m.config.n_heads_total)
+        assert torch.equal(fast[lid], plain[lid]) and torch.equal(auto[lid], plain[lid])
+        assert np.array_equal(fast[lid].numpy(), ref[lid])
+    # with a history: the second half hashed after the first equals hashing it whole
+    if shape[1] > 2:
+        comp = m.compress(ids)
+        t = shape[1] // 2
+        hist = m.next_history(None, comp[:, :t])
+        tail = m.hash_compressed(comp[:, t:], hist, method="fast")
+        for lid in m.layer_ids:
+            assert torch.equal(tail[lid], plain[lid][:, t:])
+
+
+def test_hash_checks_ids_on_cpu_and_negative_ids_pass_through():
+    m = mapping()
+    with pytest.raises(ValueError, match="97"):
+        m.hash(torch.tensor([[1, 97]]))
+    ids = torch.tensor([[3, -5, 7, 9]])
+    comp = m.compress(ids)
+    assert comp.tolist() == [[1, -5, 3, 4]]
+    a, b = m.hash(ids, method="fast"), m.hash(ids, method="plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fast_constants_survive_dtype_casts():
+    """model.to(bfloat16) must not round the fast path's float64 constants."""
+    m = mapping((646_400, 646_400))
+    ids = torch.randint(0, 97, (2, 600))
+    before = m.hash(ids, method="fast")
+    m.to(torch.bfloat16)
+    after = m.hash(ids, method="fast")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------- short conv
+@pytest.mark.parametrize("hc_mult", [1, 2])
+def test_conv_taps_equal_conv1d_with_gradients_and_state(hc_mult):
+    torch.manual_seed(0)
+    D, K, dil = 8, 4, 3
+    taps = ShortConv(D, hc_mult, K, dil, 1e-5, method="taps")
+    plain = ShortConv(D, hc_mult, K, dil, 1e-5, method="conv")
+    with torch.no_grad():
+        taps.conv.weight.normal_()
+        taps.norm_weight.uniform_(0.5, 1.5)
+    plain.load_state_dict(taps.state_dict())
+    x = torch.randn(2, 11, hc_mult, D, requires_grad=True)
+    y1, y2 = taps(x), plain(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y1)
+    gx1, gw1, gn1 = torch.autograd.grad(y1, (x, taps.conv.weight, taps.norm_weight), g)
+    gx2, gw2, gn2 = torch.autograd.grad(y2, (x, plain.conv.weight, plain.norm_weight), g)
+    for a, b in ((gx1, gx2), (gw1, gw2), (gn1, gn2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # decode: pieces with state == whole (exactly, for the taps path: same ops per position)
+    st = EngramLayerState()
+    pieces = torch.cat([taps(x[:, :5], st), taps(x[:, 5:6], st), taps(x[:, 6:], st)], 1)
+    torch.testing.assert_close(pieces, y1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="method"):
+        ShortConv(D, 1, K, dil, 1e-5, method="fft")
+
+
+# ---------------------------------------------------------------------------------- tables
+def _table_pair(sparse: bool, seed: int = 0) -> nn.Embedding:
+    torch.manual_seed(seed)
+    return nn.Embedding(50, 4, sparse=sparse)
+
+
+def _adam_steps(sparse: bool, batches: list[torch.Tensor]) -> torch.Tensor:
+    emb = _table_pair(sparse)
+    opt = (torch.optim.SparseAdam if sparse else torch.optim.Adam)(emb.parameters(), lr=0.1, betas=(0.9, 0.95))
+    target = torch.linspace(-1, 1, 4)
+    for idx in batches:
+        opt.zero_grad()
+        ((emb(idx) - target) ** 2).sum().backward()
+        opt.step()
+    return emb.weight.detach()
+
+
+def test_sparse_adam_equals_dense_adam_on_rows_touched_every_step():
+    idx = torch.tensor([[3, 7, 7, 11], [3, 40, 2, 2]])  # duplicates accumulate, as in a batch
+    dense, sparse = _adam_steps(False, [idx] * 4), _adam_steps(True, [idx] * 4)
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-7)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[idx.flatten()] = False
+    assert torch.equal(sparse[untouched], _table_pair(True).weight.detach()[untouched])
+
+
+def test_sparse_adam_is_lazy_on_rows_skipped_at_a_step():
+    """Documented difference: a row skipped at a step keeps its value under lazy Adam, while
+    dense Adam still moves it with its decaying momentum."""
+    a, b = torch.tensor([[1, 2]]), torch.tensor([[5, 6]])
+    dense, sparse = _adam_steps(False, [a, b]), _adam_steps(True, [a, b])
+    torch.testing.assert_close(sparse[5:7], dense[5:7], rtol=1e-6, atol=1e-7)  # same first update
+    after_one = _adam_steps(True, [a])
+    torch.testing.assert_close(sparse[1:3], after_one[1:3], rtol=0, atol=0)  # lazy: untouched at step 2
+    assert not torch.allclose(dense[1:3], after_one[1:3])  # dense: moved by momentum
+
+
+def tiny_gpt(sparse: bool) -> EngramGPT:
+    eng = EngramConfig(hidden_size=32, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=4,
+                       engram_vocab_size=[211, 307], pad_id=1, sparse_grad=sparse)
+    torch.manual_seed(0)
+    return EngramGPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, engram=eng),
+                     tiny_tokenizer())
+
+
+def test_build_optimizer_uses_sparse_adam_for_sparse_tables_and_state_bytes():
+    x = torch.randint(0, 97, (2, 16))
+    for sparse in (False, True):
+        model = tiny_gpt(sparse)
+        opts = build_optimizer(model, 1e-3, weight_decay=0.1, table_lr_mult=5.0)
+        kinds = [type(o).__name__ for o in opts]
+        assert kinds == ["AdamW", "SparseAdam" if sparse else "Adam"]
+        assert opts[1].param_groups[0]["lr"] == pytest.approx(5e-3)
+        assert opts[1].param_groups[0]["base_lr"] == pytest.approx(5e-3)
+        _, loss = model(x, x)
+        loss.backward()
+        table = model.table_parameters()[0]
+        assert table.grad.is_sparse == sparse
+        for o in opts:
+            o.step()
+        rows, d = table.shape
+        # two fp32 moments per entry (+ a step counter): 2 * d * 4 bytes per row
+        assert optimizer_state_bytes(opts[1]) - 2 * rows * d * 4 in range(0, 64)
+
+
+def test_clip_grad_norm_with_sparse_grads_equals_dense_clipping():
+    torch.manual_seed(0)
+    ws = nn.Parameter(torch.randn(20, 3))
+    wd = nn.Parameter(torch.randn(5))
+    idx = torch.tensor([1, 4, 4, 9])
+    loss = (F.embedding(idx, ws, sparse=True) ** 2).sum() + (wd**3).sum()
+    loss.backward()
+    dense_ws = ws.grad.to_dense().clone()
+    dense_wd = wd.grad.clone()
+    expect_norm = math.sqrt(float((dense_ws**2).sum() + (dense_wd**2).sum()))
+    total = clip_grad_norm_([ws, wd], max_norm=1.0)
+    assert float(total) == pytest.approx(expect_norm, rel=1e-5)
+    scale = 1.0 / (expect_norm + 1e-6)
+    torch.testing.assert_close(ws.grad.to_dense(), dense_ws * scale)
+    torch.testing.assert_close(wd.grad, dense_wd * scale)
+    # below the limit: unchanged
+    assert float(clip_grad_norm_([ws, wd], max_norm=100.0)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_sparse_and_dense_tables_train_the_same_first_step():
+    """Same update on the model's tables where the gradient is well above eps. Known convention
+    difference: Adam adds eps after the bias correction of v (``sqrt(v / bc2) + eps``),
+    SparseAdam before (``(sqrt(v) + eps) / sqrt(bc2)``), so small gradients differ slightly."""
+    x = torch.randint(0, 97, (2, 16))
+    out, grads, init = [], [], None
+    for sparse in (False, True):
+        model = tiny_gpt(sparse)
+        init = model.table_parameters()[0].detach().clone()
+        opts = build_optimizer(model, 1e-2)
+        _, loss = model(x, x)
+        loss.backward()
+        g = model.table_parameters()[0].grad
+        grads.append(g.to_dense() if g.is_sparse else g.clone())
+        for o in opts:
+            o.step()
+        out.append(model.table_parameters()[0].detach().clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    clear = grads[0].abs() > 1e-3
+    assert clear.sum() > 50
+    torch.testing.assert_close(out[0][clear], out[1][clear], rtol=1e-4, atol=1e-6)
+    untouched = (grads[0] == 0).all(-1)
+    assert torch.equal(out[1][untouched], init[untouched]) and torch.equal(out[0][untouched], init[untouched])

@@ -37,7 +37,10 @@ _CHUNK_WIDTHS = ((20, 44), (12, 12, 40))
 _CPU_CHUNK_ELEMENTS = 131072
 # Below this many tokens (decode steps) the plain path, with fewer ops, is faster.
 _FAST_MIN_TOKENS = 512
-_METHODS = ("auto", "fast", "plain")
+# Up to this many tokens on the CPU (decode steps), Python integers beat a dozen tiny torch ops.
+_SCALAR_MAX_TOKENS = 16
+_METHODS = ("auto", "fast", "plain", "scalar")
+_MASK64 = (1 << 64) - 1
 
 
 def is_prime(n: int) -> bool:
@@ -221,6 +224,7 @@ class NgramHashMapping(nn.Module):
         max_prime = max(p for l in self.layer_ids for order in self.table_sizes[l] for p in order)
         self.fast_widths = split_plan(max_prime)  # None: primes too big, "fast" falls back to plain
         self._fast_cache: dict[torch.device, dict[str, Any]] = {}
+        self._lookup_list: list[int] = self.compressed.lookup_table.tolist()  # for the scalar path
 
     @property
     def history_len(self) -> int:
@@ -235,6 +239,8 @@ class NgramHashMapping(nn.Module):
         gather then fails on the device instead).
         """
         check_ids(input_ids, None, "input_ids")
+        if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
+            return self._compress_scalar(input_ids)
         table = self.lookup_table if self.lookup_table.device == input_ids.device else self.compressed.table_on(input_ids.device)
         ids = input_ids.long()
         # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.
@@ -249,6 +255,15 @@ class NgramHashMapping(nn.Module):
                     return table[ids]
             return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
 
+    def _compress_scalar(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`compress` for a few CPU ids (decode): Python ints, no tensor ops but one."""
+        table, n = self._lookup_list, self.compressed.raw_vocab_size
+        vals = input_ids.reshape(-1).tolist()
+        top = max(vals, default=-1)
+        if top >= n:
+            raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
+        return torch.tensor([table[v] if v >= 0 else v for v in vals], dtype=torch.long).view(input_ids.shape)
+
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Pad-filled history ``(B, N-1)`` of compressed ids for the start of a sequence."""
         return torch.full((batch_size, self.history_len), self.pad_id, dtype=torch.long, device=device)
@@ -257,8 +272,8 @@ class NgramHashMapping(nn.Module):
                         method: str = "auto") -> dict[int, torch.Tensor]:
         """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them.
 
-        ``method``: ``"fast"``, ``"plain"`` or ``"auto"`` (fast from 512 tokens up); all give the
-        same rows.
+        ``method``: ``"fast"``, ``"plain"``, ``"scalar"`` (Python ints) or ``"auto"`` (scalar up to
+        16 CPU tokens, fast from 512 tokens up, else plain); all give the same rows.
         """
         if method not in _METHODS:
             raise ValueError(f"method={method!r} must be one of {_METHODS}")
@@ -266,10 +281,39 @@ class NgramHashMapping(nn.Module):
         if history is None:
             history = self.initial_history(B, x.device)
         full = torch.cat([history.to(x.device, torch.long), x.long()], dim=1)  # (B, N-1+T)
-        use_fast = self.fast_widths is not None and (method == "fast" or (method == "auto" and B * T >= _FAST_MIN_TOKENS))
+        if method == "auto":
+            if full.device.type == "cpu" and B * T <= _SCALAR_MAX_TOKENS:
+                method = "scalar"
+            else:
+                method = "fast" if self.fast_widths is not None and B * T >= _FAST_MIN_TOKENS else "plain"
+        elif method == "fast" and self.fast_widths is None:
+            method = "plain"  # primes too big for the float split
+        if method == "scalar":
+            return self._hash_scalar(full, B, T)
         with _single_thread(full.device, B * T * self.config.n_heads_total * len(self.layer_ids)):
-            rows = self._hash_fast(full, B, T) if use_fast else self._hash_plain(full, B, T)  # (L, B, T, O, K)
+            rows = self._hash_fast(full, B, T) if method == "fast" else self._hash_plain(full, B, T)  # (L, B, T, O, K)
         return {lid: rows[i].reshape(B, T, self.config.n_heads_total) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
+
+    def _hash_scalar(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
+        """Python-int path for a few tokens (decode): DESIGN.md §2.4 with explicit int64 wrapping."""
+        N = self.config.max_ngram_size
+        rows_ids = full.tolist()  # B x (N-1+T)
+        out: dict[int, torch.Tensor] = {}
+        for lid in self.layer_ids:
+            mult, primes = self.multipliers[lid], self.table_sizes[lid]
+            res = []
+            for row in rows_ids:
+                for t in range(N - 1, N - 1 + T):
+                    mix = 0
+                    heads = []
+                    for k in range(N):
+                        mix ^= (row[t - k] * mult[k]) & _MASK64  # unsigned image of the int64 product
+                        if k >= 1:
+                            signed = mix - (1 << 64) if mix >> 63 else mix
+                            heads.extend(signed % p for p in primes[k - 1])  # Python % is non-negative
+                    res.append(heads)
+            out[lid] = torch.tensor(res, dtype=torch.long).view(B, T, self.config.n_heads_total).to(full.device)
+        return out
 
     def _constants(self, device: torch.device) -> dict[str, Any]:
         """Per-device constants of both paths, built once per device.

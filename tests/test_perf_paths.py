@@ -76,6 +76,10 @@ def test_fast_residues_equal_remainder_on_adversarial_int64(sizes):
     fast = m.residues(mixes, "fast")
     plain = m.residues(mixes, "plain")
     assert torch.equal(fast, plain)
+    # the scalar (Python int) path on ids that reach the extremes: compressed ids are free int64
+    x = vals[:64].view(4, 16)
+    a, b = m.hash_compressed(x, method="scalar"), m.hash_compressed(x, method="plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # and against Python's exact big-int modulo for a sample
     pl = primes.view(L, O, K)
     for i in range(0, vals.numel(), 97):
@@ -100,13 +104,13 @@ def test_fast_hash_equals_plain_and_numpy_oracle(shape):
     m = mapping((5003, 7001))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, shape, generator=g)
-    fast, plain = m.hash(ids, method="fast"), m.hash(ids, method="plain")
-    auto = m.hash(ids)
+    paths = {k: m.hash(ids, method=k) for k in ("fast", "plain", "scalar", "auto")}
     ref = _numpy_oracle().numpy_hash_from_mapping(m, ids.numpy())
     for lid in m.layer_ids:
-        assert fast[lid].shape == (*shape, m.config.n_heads_total)
-        assert torch.equal(fast[lid], plain[lid]) and torch.equal(auto[lid], plain[lid])
-        assert np.array_equal(fast[lid].numpy(), ref[lid])
+        assert paths["fast"][lid].shape == (*shape, m.config.n_heads_total)
+        for k in ("fast", "scalar", "auto"):
+            assert torch.equal(paths[k][lid], paths["plain"][lid]), k
+        assert np.array_equal(paths["fast"][lid].numpy(), ref[lid])
     # with a history: the second half hashed after the first equals hashing it whole
     if shape[1] > 2:
         comp = m.compress(ids)
@@ -114,7 +118,7 @@ def test_fast_hash_equals_plain_and_numpy_oracle(shape):
         hist = m.next_history(None, comp[:, :t])
         tail = m.hash_compressed(comp[:, t:], hist, method="fast")
         for lid in m.layer_ids:
-            assert torch.equal(tail[lid], plain[lid][:, t:])
+            assert torch.equal(tail[lid], paths["plain"][lid][:, t:])
 
 
 def test_hash_checks_ids_on_cpu_and_negative_ids_pass_through():

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +25,9 @@ from engram import EngramConfig  # noqa: E402
 from engram.hashing import NgramHashMapping  # noqa: E402
 from engram.model import EngramGPT, GPTConfig  # noqa: E402
 from engram.optim import build_optimizer  # noqa: E402
+from engram.bench import interleaved  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each fn, run round-robin (ABAB...) so shared-CPU load hits all alike."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def tokenizer():

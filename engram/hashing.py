@@ -290,7 +290,7 @@ class NgramHashMapping(nn.Module):
             method = "plain"  # primes too big for the float split
         if method == "scalar":
             return self._hash_scalar(full, B, T)
-        with _single_thread(full.device, B * T * self.config.n_heads_total * len(self.layer_ids)):
+        with _single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
             rows = self._hash_fast(full, B, T) if method == "fast" else self._hash_plain(full, B, T)  # (L, B, T, O, K)
         return {lid: rows[i].reshape(B, T, self.config.n_heads_total) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
 

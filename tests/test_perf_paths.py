@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram import EngramConfig
+from engram.bench import numpy_hash
 from engram.hashing import NgramHashMapping, split_plan
 from engram.model import EngramGPT, GPTConfig
 from engram.module import Engram, EngramLayerState, ShortConv
@@ -29,13 +30,6 @@ from engram.tokenizer import CompressedTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _numpy_oracle():
-    spec = importlib.util.spec_from_file_location("numpy_hash", ROOT / "benchmarks" / "numpy_hash.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
@@ -105,7 +99,7 @@ def test_fast_hash_equals_plain_and_numpy_oracle(shape):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, shape, generator=g)
     paths = {k: m.hash(ids, method=k) for k in ("fast", "plain", "scalar", "auto")}
-    ref = _numpy_oracle().numpy_hash_from_mapping(m, ids.numpy())
+    ref = numpy_hash(m, ids.numpy())
     for lid in m.layer_ids:
         assert paths["fast"][lid].shape == (*shape, m.config.n_heads_total)
         for k in ("fast", "scalar", "auto"):
@@ -276,3 +270,24 @@ def test_sparse_and_dense_tables_train_the_same_first_step():
     torch.testing.assert_close(out[0][clear], out[1][clear], rtol=1e-4, atol=1e-6)
     untouched = (grads[0] == 0).all(-1)
     assert torch.equal(out[1][untouched], init[untouched]) and torch.equal(out[0][untouched], init[untouched])
+
+
+# ---------------------------------------------------------------------------------- engram bench
+def test_engram_bench_quick_writes_json_markdown_and_plots(tmp_path, capsys):
+    from engram.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--quick", "--reps", "1", "--threads", "1"]) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert set(r) >= {"machine", "settings", "seq", "hashing", "lookup", "table", "decode", "plots"}
+    assert r["hashing"]["bit_exact"] is True
+    assert [row["T"] for row in r["seq"]["rows"]] == r["settings"]["seqs"]
+    assert r["seq"]["params"]["engram"]["table"] > 0 and r["seq"]["params"]["base"]["table"] == 0
+    assert set(r["table"]["modes"]) == {"sparse", "dense"}
+    assert r["decode"]["tok_s"]["engram"] > 0 and r["lookup"]["gb_s"]["memcpy"] > 0
+    md = (out / "bench.md").read_text()
+    assert "| sparse | 10x |" in md and "Mtok/s" in md
+    for f in r["plots"]:
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--out", str(out), "--only", "hashing,nope"]) == 2
+    assert "unknown sections" in capsys.readouterr().err

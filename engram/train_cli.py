@@ -25,7 +25,7 @@ from .model import GPTConfig
 DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_size=4096,
                 engram_layers="1", table_size=20000, ngram=3, engram_heads=4, engram_dim=128,
                 lr=3e-3, table_lr_mult=5.0, warmup_steps=30, eval_tokens=16384,
-                sparse_tables=True)
+                sparse_tables=True, engram_init="zero")
 
 
 # ---------------------------------------------------------------------- shared flags
@@ -52,6 +52,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram", type=int, default=DEFAULTS["ngram"], help="max n-gram order (default %(default)s)")
     g.add_argument("--engram-heads", type=int, default=DEFAULTS["engram_heads"], help="hash heads per order (default %(default)s)")
     g.add_argument("--engram-dim", type=int, default=DEFAULTS["engram_dim"], help="memory width per order (default %(default)s)")
+    g.add_argument("--engram-init", choices=("zero", "default"), default=DEFAULTS["engram_init"],
+                   help="zero: the value projection starts at 0, so the branch starts as a no-op (default %(default)s); "
+                        "default: PyTorch's init, whose branch output at step 0 is ~25x the token embeddings")
     g.add_argument("--dense-tables", dest="sparse_tables", action="store_false", default=DEFAULTS["sparse_tables"],
                    help="dense table gradients and Adam (default: sparse gradients and lazy SparseAdam, O(rows touched))")
 
@@ -91,6 +94,7 @@ def engram_config_from_args(args: argparse.Namespace, pad_id: int | None = None)
         hidden_size=args.dim, layer_ids=parse_layers(args.engram_layers), max_ngram_size=args.ngram,
         n_embed_per_ngram=args.engram_dim, n_head_per_ngram=args.engram_heads,
         engram_vocab_size=[args.table_size] * (args.ngram - 1), pad_id=pad_id, sparse_grad=args.sparse_tables,
+        zero_init_output=args.engram_init == "zero",
     )
 
 

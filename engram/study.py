@@ -88,6 +88,14 @@ def verdict(runs: list[dict[str, Any]], reference: str = "baseline") -> dict[str
     return {"reference": reference, "comparisons": out}
 
 
+#: loss gaps smaller than this (nats/token) are reported as a tie: below the run-to-run noise of short studies.
+TIE_NATS = 0.01
+
+
+def _word(gap: float) -> str:
+    return "tied" if abs(gap) < TIE_NATS else ("ahead" if gap < 0 else "behind")
+
+
 def verdict_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for c in report["verdict"]["comparisons"]:
@@ -97,8 +105,7 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
             f"at step {s['step']}: {s['loss']:.4f} vs {s['reference_loss']:.4f} (gap {s['gap']:+.4f}); "
             f"at {t['seconds']:.1f}s: {t['loss']:.4f} vs {t['reference_loss']:.4f} (gap {t['gap']:+.4f}); "
             f"step time {c['step_time_overhead']:+.1%}; "
-            f"-> {'ahead' if c['ahead_at_equal_seconds'] else 'NOT ahead'} per wall-clock second, "
-            f"{'ahead' if c['ahead_at_equal_steps'] else 'not ahead'} per step"
+            f"-> {_word(t['gap'])} per wall-clock second, {_word(s['gap'])} per step"
         )
     return lines
 

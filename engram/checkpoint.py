@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from .config import EngramConfig
 from .model import EngramGPT, GPTConfig
 from .tokenizer import CompressedTokenizer
 
@@ -207,8 +206,3 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
             raise ValueError(f"checkpoint {str(root)!r} is corrupt: cannot read {STATE_FILE} ({e})") from e
     return Checkpoint(model, tokenizer, meta, state, root)
 
-
-def engram_config_of(meta: dict[str, Any]) -> EngramConfig | None:
-    """The Engram config stored in a checkpoint's ``config.json`` (``None`` for a plain GPT)."""
-    e = meta["gpt_config"].get("engram")
-    return None if e is None else EngramConfig.from_dict(e)

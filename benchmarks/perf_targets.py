@@ -11,6 +11,7 @@ base table rows per head 5,003 (1x) or 500,009 (100x); batch (8, 256).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from engram.model import EngramGPT, GPTConfig  # noqa: E402
 from engram.optim import build_optimizer  # noqa: E402
 from engram.bench import interleaved  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("ENGRAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
 def tokenizer():
@@ -54,7 +55,7 @@ def gpt(tok, rows: int | None, sparse: bool | None = None) -> EngramGPT:
     eng = None
     if rows is not None:
         kw = {} if sparse is None else {"sparse_grad": sparse}
-        eng = EngramConfig(hidden_size=128, layer_ids=[1], n_embed_per_ngram=128, n_head_per_ngram=8,
+        eng = EngramConfig(hidden_size=128, layer_ids=[1], n_embed_per_ngram=128, n_head_per_ngram=4,
                            engram_vocab_size=[rows, rows], **kw)
     torch.manual_seed(0)
     return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=256, engram=eng), tok)
@@ -91,8 +92,8 @@ def main() -> None:
     if "hash" in only:
         res["hash"] = bench_hash(tok, args.reps)
         print("hash", res["hash"], flush=True)
-    x = torch.randint(0, 4096, (8, 256))
-    y = torch.randint(0, 4096, (8, 256))
+    x = torch.randint(0, 4096, (16, 128))
+    y = torch.randint(0, 4096, (16, 128))
     if "table" in only:
         small, big = gpt(tok, 5003, sparse), gpt(tok, 500009, sparse)
         med = interleaved({"1x": step_fn(small, x, y), "100x": step_fn(big, x, y)}, args.reps)
@@ -101,7 +102,7 @@ def main() -> None:
         print("table", res["table"], flush=True)
         del small, big
     if "overhead" in only:
-        base, eng = gpt(tok, None), gpt(tok, 5003, sparse)
+        base, eng = gpt(tok, None), gpt(tok, 20000, sparse)
         med = interleaved({"base": step_fn(base, x, y), "engram": step_fn(eng, x, y)}, args.reps)
         res["train_step"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("train_step", res["train_step"], flush=True)

@@ -40,6 +40,8 @@ class EngramLayerState:
 
 
 _CONV_METHODS = ("taps", "conv")
+# Up to this many tokens (decode steps) the gate normalises key and query in one stacked call.
+_SMALL_TOKENS = 64
 
 
 class ShortConv(nn.Module):
@@ -74,7 +76,10 @@ class ShortConv(nn.Module):
         B, T, M, D = x.shape
         if T == 0:  # nothing new: the state stays as it is
             return x.new_zeros(B, 0, M, D)
-        xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
+        if M == 1:  # the weight rides in the norm call: one op fewer per step
+            xn = F.rms_norm(x, (D,), self.norm_weight.view(D), eps=self.eps)  # (B, T, 1, D)
+        else:
+            xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
         if token_mask is not None:  # padding must not leak into real tokens through the conv
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
         xn = xn.reshape(B, T, M * D)  # (B, T, C)
@@ -151,8 +156,13 @@ class Engram(nn.Module):
         """
         B, T, M, D = hidden_states.shape
         k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
-        k = F.rms_norm(k, (D,)) * self.key_norm_weight
-        q = F.rms_norm(hidden_states, (D,)) * self.query_norm_weight
+        if B * T <= _SMALL_TOKENS and k.dtype == hidden_states.dtype:
+            # Decode: one RMSNorm call for both (on CPU it is ~6 small ops; dispatch dominates).
+            kn, qn = F.rms_norm(torch.stack([k, hidden_states]), (D,)).unbind(0)  # 2 x (B, T, M, D)
+        else:
+            kn, qn = F.rms_norm(k, (D,)), F.rms_norm(hidden_states, (D,))
+        k = kn * self.key_norm_weight
+        q = qn * self.query_norm_weight
         z = (k * q).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
         z = z.abs().clamp_min(1e-6).sqrt() * z.sign()  # signed sqrt, as in the demo
         return torch.sigmoid(z)  # (B, T, M, 1)

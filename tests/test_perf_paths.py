@@ -291,3 +291,21 @@ def test_engram_bench_quick_writes_json_markdown_and_plots(tmp_path, capsys):
         assert (out / f).read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "--out", str(out), "--only", "hashing,nope"]) == 2
     assert "unknown sections" in capsys.readouterr().err
+
+
+def test_gate_small_batch_stacked_norm_equals_separate_norms():
+    cfg = EngramConfig(hidden_size=16, hc_mult=2, layer_ids=[0], max_ngram_size=3, n_embed_per_ngram=8,
+                       n_head_per_ngram=2, engram_vocab_size=[31, 37])
+    torch.manual_seed(0)
+    mod = Engram(cfg, 0, [[37, 41], [43, 47]])
+    with torch.no_grad():
+        mod.key_norm_weight.uniform_(0.5, 1.5)
+        mod.query_norm_weight.uniform_(0.5, 1.5)
+    e = torch.randn(1, 3, cfg.memory_dim)
+    h = torch.randn(1, 3, 2, 16)
+    got = mod.gate(e, h)  # B*T = 3: the stacked decode path
+    k = F.rms_norm(mod.key_proj(e).view(1, 3, 2, 16), (16,)) * mod.key_norm_weight
+    q = F.rms_norm(h, (16,)) * mod.query_norm_weight
+    z = (k * q).sum(-1, keepdim=True) / math.sqrt(16)
+    expect = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)

@@ -183,6 +183,7 @@ def load_study_model(tok) -> EngramGPT:
 
 
 def cmd_speed(args) -> None:
+    torch.set_num_threads(args.threads)
     tok = tokenizer()
     model = load_study_model(tok)
     work = Path(tempfile.mkdtemp(prefix="engram_offload_"))
@@ -309,7 +310,8 @@ def main() -> int:
     s = sub.add_parser("speed")
     s.add_argument("--prompt", type=int, default=16)
     s.add_argument("--new-tokens", type=int, default=48)
-    s.add_argument("--reps", type=int, default=5)
+    s.add_argument("--reps", type=int, default=9)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other users' load)")
     b = sub.add_parser("bigfile")
     b.add_argument("--gib", type=float, default=32.0)
     b.add_argument("--tokens", type=int, default=256)

@@ -72,13 +72,13 @@ def test_offloaded_logits_and_generation_bit_identical(model, ids, tmp_path, kw)
             out, _ = m(ids)
             assert torch.equal(out, ref)
     prompt = ids[:, :5]
-    assert torch.equal(m.generate(prompt, 12, temperature=0), model.generate(prompt, 12, temperature=0))
+    assert torch.equal(m.generate(prompt, 8, temperature=0), model.generate(prompt, 8, temperature=0))
     # prefill + decode steps: the same logits as the in-memory model's steps
 
     def steps(mod: EngramGPT) -> torch.Tensor:
         cache = mod.new_cache()
         with torch.no_grad():
-            out = [mod(ids[:, :10], cache=cache)[0]] + [mod(ids[:, t : t + 1], cache=cache)[0] for t in range(10, 16)]
+            out = [mod(ids[:, :10], cache=cache)[0]] + [mod(ids[:, t : t + 1], cache=cache)[0] for t in range(10, 14)]
         return torch.cat(out, 1)
 
     assert torch.equal(steps(m), steps(model))

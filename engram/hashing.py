@@ -41,6 +41,7 @@ _FAST_MIN_TOKENS = 512
 _SCALAR_MAX_TOKENS = 16
 _METHODS = ("auto", "fast", "plain", "scalar")
 _MASK64 = (1 << 64) - 1
+_TWO52_BITS = 0x4330000000000000  # bit pattern of float64 2**52
 
 
 def is_prime(n: int) -> bool:
@@ -406,8 +407,8 @@ class NgramHashMapping(nn.Module):
             s, q = s_buf[:, :n_c], q_buf[:, :n_c]
             torch.bmm(a[:, c0 : c0 + n_c], c["W"], out=s)  # (L, c, H): S, exact
             torch.addcmul(c["half_inv"], s, c["inv"], out=q).floor_()  # exactly floor(S / p), see split_plan
-            s.addcmul_(q, c["negp"])  # x mod p, an exact integer in [0, p)
-            out[:, c0 : c0 + n_c].copy_(s)
+            s.addcmul_(q, c["negp"]).add_(2.0**52)  # 2**52 + (x mod p): the residue is the low mantissa bits
+            torch.sub(s.view(torch.long), _TWO52_BITS, out=out[:, c0 : c0 + n_c])  # exact, vectorised "cast"
         return out.view(L, n, O, K)
 
     def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None,

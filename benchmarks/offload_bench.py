@@ -239,6 +239,7 @@ def big_model(tok, rows_per_head: int, path: Path) -> EngramGPT:
 
 
 def cmd_bigfile(args) -> None:
+    torch.set_num_threads(args.threads)
     tok = tokenizer()
     dim = 16
     rows_per_head = int(args.gib * 2**30 / (dim * 4) / 16) + 1
@@ -316,6 +317,7 @@ def main() -> int:
     b.add_argument("--gib", type=float, default=32.0)
     b.add_argument("--tokens", type=int, default=256)
     b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other users' load)")
     b.add_argument("--dir", default=None, help="where to put the file (default: a temp dir under /var/tmp)")
     args = p.parse_args()
     {"quality": cmd_quality, "speed": cmd_speed, "bigfile": cmd_bigfile}[args.what](args)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -213,6 +214,9 @@ class DiskRowStore(HostRowStore):
         for name, p in self.header["parts"].items():
             mm = np.memmap(self.path, dtype=_NP_DTYPES[getattr(torch, p["dtype"])], mode="r",
                            offset=p["offset"], shape=(self.num_rows, p["cols"]))
+            raw = getattr(mm, "_mmap", None)
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)  # hashed rows are random: no readahead per page fault
             with warnings.catch_warnings():  # read-only on purpose: writes go through pwrite
                 warnings.simplefilter("ignore", UserWarning)
                 parts[name] = torch.from_numpy(mm)  # (N, n), a view of the mapping: nothing read yet

@@ -309,3 +309,13 @@ def test_gate_small_batch_stacked_norm_equals_separate_norms():
     z = (k * q).sum(-1, keepdim=True) / math.sqrt(16)
     expect = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+def test_docs_performance_example_runs():
+    import re
+
+    text = (ROOT / "docs" / "performance.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/performance.md[python block {i}]", "exec"), {"__name__": "__docs__"})

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engram import EngramConfig, EngramGPT, GPTConfig, MultiHeadEmbedding
+from engram import EngramConfig, EngramGPT, GPTConfig
 from engram.data import TokenBatcher, eval_batches
 from engram.hashing import NgramHashMapping
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, engram_modules, offload,
@@ -220,22 +220,8 @@ def cmd_speed(args) -> None:
 # ------------------------------------------------------------------------------------ bigfile
 def big_model(tok, rows_per_head: int, path: Path) -> EngramGPT:
     """EngramGPT whose table is opened from ``path`` without ever being allocated."""
-    cfg = study_config(rows_per_head)
-    with torch.device("meta"):
-        model = EngramGPT(cfg, tok)
-    tables = {}
-    for e in engram_modules(model):  # keep the meta tables out of to_empty
-        tables[e] = e.memory
-        e.memory = torch.nn.Identity()
-    model.to_empty(device="cpu")
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name or p.ndim == 1 else torch.randn_like(p) * 0.02)
-    model.hashing = NgramHashMapping(cfg.engram, tok)  # its constants, not garbage from to_empty
-    for e, mem in tables.items():
-        e.memory = mem
-    return model
+    return EngramGPT(study_config(rows_per_head), tok, table_device="meta")
 
 
 def cmd_bigfile(args) -> None:

@@ -9,6 +9,7 @@ Public API::
     Engram                  the branch module (gate, value, short conv; variants by config)
     EngramGPT, GPTConfig    a small decoder-only LM with Engram at chosen blocks
     EngramTokenizer, EngramModule   the seed documents' names (aliases)
+    offload, OffloadMultiHeadEmbedding   tables in host RAM or on disk, hot-row cache
 """
 
 from .compat import EngramModule, EngramTokenizer
@@ -17,6 +18,7 @@ from .hashing import NgramHashMapping
 from .memory import MultiHeadEmbedding
 from .model import EngramGPT, GPTCache, GPTConfig
 from .module import Engram, EngramLayerState
+from .offload import OffloadMultiHeadEmbedding, offload
 from .tokenizer import CompressedTokenizer
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __all__ = [
     "GPTConfig",
     "MultiHeadEmbedding",
     "NgramHashMapping",
+    "OffloadMultiHeadEmbedding",
+    "offload",
     "__version__",
 ]
 

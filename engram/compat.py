@@ -74,13 +74,16 @@ class EngramModule(Engram):
             raise ValueError("EngramModule needs the layer's table sizes (vocab_sizes)")
         if isinstance(layer_vocab_sizes, int):
             layer_vocab_sizes = [[layer_vocab_sizes] * config.n_head_per_ngram] * config.n_orders
-        super().__init__(config, -1 if layer_id is None else layer_id, layer_vocab_sizes)
+        # An offloaded table is created once, on the host: the in-module one is never allocated.
+        super().__init__(config, -1 if layer_id is None else layer_id, layer_vocab_sizes,
+                         table_device="meta" if config.use_offload else None)
         self.cfg = config
         if config.use_offload:
             from .offload import OffloadMultiHeadEmbedding  # noqa: PLC0415 - optional storage layer
 
             self.memory = OffloadMultiHeadEmbedding(self.memory.sizes, self.memory.embedding_dim,
-                                                    cache_size=config.offload_cache_lines)
+                                                    cache_size=config.offload_cache_lines,
+                                                    init_std=0.0 if config.lite else 1.0, sparse=config.sparse_grad)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: Any, state: EngramLayerState | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ from torch.nn import functional as F
 from .config import EngramConfig
 from .hashing import NgramHashMapping
 from .module import Engram, EngramLayerState
-from .tokenizer import CompressedTokenizer
 from .validation import check_ids
 
 
@@ -151,13 +150,15 @@ class HyperConnection(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_id: int, table_sizes: list[list[int]] | None):
+    def __init__(self, cfg: GPTConfig, layer_id: int, table_sizes: list[list[int]] | None,
+                 table_device: torch.device | str | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.ln1, self.ln2 = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.hc_attn, self.hc_mlp = HyperConnection(cfg.hc_mult), HyperConnection(cfg.hc_mult)
-        self.engram = Engram(cfg.engram, layer_id, table_sizes) if table_sizes is not None else None
+        self.engram = (Engram(cfg.engram, layer_id, table_sizes, table_device=table_device)
+                       if table_sizes is not None else None)
 
     def forward(self, h, hash_ids, cos, sin, kv, pad_mask, engram_state, token_mask):
         # h: (B, T, M, D)
@@ -194,9 +195,12 @@ class EngramGPT(nn.Module):
     Args:
         config: :class:`GPTConfig`; ``config.engram`` selects Engram layers or ``None``.
         tokenizer: a HF tokenizer or :class:`CompressedTokenizer`; required with Engram.
+        table_device: where the Engram tables are created (default: with the rest). ``"meta"``
+            allocates nothing for them: use it for tables that :func:`engram.offload.offload`
+            opens from an existing file, or that a checkpoint will fill.
     """
 
-    def __init__(self, config: GPTConfig, tokenizer: Any = None):
+    def __init__(self, config: GPTConfig, tokenizer: Any = None, table_device: torch.device | str | None = None):
         super().__init__()
         self.config = config
         self.hashing: NgramHashMapping | None = None
@@ -211,7 +215,7 @@ class EngramGPT(nn.Module):
                 )
             sizes = self.hashing.table_sizes
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i, sizes.get(i)) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i, sizes.get(i), table_device) for i in range(config.n_layer))
         self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
@@ -226,17 +230,27 @@ class EngramGPT(nn.Module):
             nn.init.normal_(p, 0.0, std)
 
     # ------------------------------------------------------------------ parameter groups
+    def engram_layers(self) -> list[Engram]:
+        return [b.engram for b in self.blocks if b.engram is not None]
+
     def table_parameters(self) -> list[nn.Parameter]:
-        """Engram embedding tables (own optimizer group: Adam, 5x lr, no weight decay)."""
-        return [b.engram.memory.embedding.weight for b in self.blocks if b.engram is not None]
+        """Trainable Engram tables (own optimizer group: Adam, 5x lr, no weight decay).
+
+        Tables moved to disk or quantised (``engram.offload``) are not parameters and are skipped.
+        """
+        tables = (getattr(e.memory, "embedding", None) for e in self.engram_layers())
+        return [t.weight for t in tables if isinstance(t, nn.Embedding)]
 
     def dense_parameters(self) -> list[nn.Parameter]:
         table_ids = {id(p) for p in self.table_parameters()}
         return [p for p in self.parameters() if id(p) not in table_ids]
 
     def num_params(self) -> dict[str, int]:
-        """``{"dense": ..., "table": ...}`` parameter counts (tied weights counted once)."""
-        table = sum(p.numel() for p in self.table_parameters())
+        """``{"dense": ..., "table": ...}`` parameter counts (tied weights counted once).
+
+        Table counts are rows x width of every Engram table wherever it is stored.
+        """
+        table = sum(e.memory.num_rows * e.memory.embedding_dim for e in self.engram_layers())
         return {"dense": sum(p.numel() for p in self.dense_parameters()), "table": table}
 
     # ------------------------------------------------------------------ forward

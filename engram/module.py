@@ -117,8 +117,11 @@ class Engram(nn.Module):
     """
 
     def __init__(self, config: EngramConfig, layer_id: int, table_sizes: list[list[int]] | list[int],
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, table_device: torch.device | str | None = None):
         super().__init__()
+        # Tables may be built elsewhere than the dense part, e.g. on "meta" to be offloaded or
+        # loaded later without ever allocating them (DESIGN.md §4).
+        table_device = device if table_device is None else table_device
         self.config, self.layer_id = config, layer_id
         flat = [int(s) for order in table_sizes for s in (order if isinstance(order, (list, tuple)) else [order])]
         if len(flat) != config.n_heads_total:
@@ -128,10 +131,10 @@ class Engram(nn.Module):
             )
         D, M, E = config.hidden_size, config.hc_mult, config.memory_dim
         if config.lite:
-            self.memory = MultiHeadEmbedding(flat, D, sparse=config.sparse_grad, init_std=0.0, device=device)
+            self.memory = MultiHeadEmbedding(flat, D, sparse=config.sparse_grad, init_std=0.0, device=table_device)
             self.lite_scale = nn.Parameter(torch.full((), float(config.lite_scale_init), device=device))
             return
-        self.memory = MultiHeadEmbedding(flat, config.head_dim, sparse=config.sparse_grad, device=device)
+        self.memory = MultiHeadEmbedding(flat, config.head_dim, sparse=config.sparse_grad, device=table_device)
         self.value_proj = nn.Linear(E, D, bias=config.value_bias, device=device)
         if config.use_gate:
             # All M keys in one matmul: (B, T, E) -> (B, T, M*D).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -330,3 +331,19 @@ def test_golden_short_training_run_loss_falls(ref_tokenizer):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_meta_tables_are_never_allocated_and_open_from_disk(ref_tokenizer, tmp_path):
+    from engram import offload
+
+    model = tiny_gpt(ref_tokenizer)
+    meta = EngramGPT(model.config, ref_tokenizer, table_device="meta").eval()
+    assert all(p.is_meta for p in meta.table_parameters())
+    assert meta.num_params() == model.num_params()
+    dense = {k: v for k, v in model.state_dict().items() if "memory.embedding" not in k}
+    meta.load_state_dict(dense, strict=False)
+    offload(copy.deepcopy(model), "disk", path=tmp_path)  # writes the table files
+    offload(meta, "disk", path=tmp_path)  # opens them: the tables were never in memory
+    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(meta(ids)[0], model(ids)[0])

@@ -230,7 +230,19 @@ def _rss_child(spec_json: str) -> None:
         step = train_step_fn(model, x, x)
         step()
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB: ``VmHWM`` (per address space, so a child started by
+    fork+exec does not inherit its parent's peak, as ``ru_maxrss`` does on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB (macOS: bytes)
 
 
 # ---------------------------------------------------------------------------------- report

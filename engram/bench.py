@@ -300,6 +300,15 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _length_ticks(ax: Any, values: list[int]) -> None:
+    """Label a log x axis at the measured lengths only."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(values)
+    ax.set_xticklabels([str(v) for v in values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot(r: dict[str, Any], out: Path) -> list[str]:
     """PNG plots next to bench.json; returns their file names."""
     import matplotlib
@@ -317,12 +326,14 @@ def plot(r: dict[str, Any], out: Path) -> list[str]:
             for side in ("base", "engram"):
                 ax.plot(Ts, [row[key][side] * 1e3 for row in rows], style, marker="o", label=f"{key[:-2]} {side}")
         ax.set(xscale="log", yscale="log", xlabel="sequence length T (B=1)", ylabel="ms", title="time")
+        _length_ticks(ax, Ts)
         ax.legend()
         if axes.shape[1] > 1:
             ax = axes[0][1]
             for side in ("base", "engram"):
                 ax.plot(Ts, [row["peak_rss_mb"][side] for row in rows], marker="o", label=side)
             ax.set(xscale="log", xlabel="sequence length T", ylabel="MiB", title="peak RSS (train step)")
+            _length_ticks(ax, Ts)
             ax.legend()
         fig.tight_layout()
         fig.savefig(out / "seq.png", dpi=100)

@@ -34,7 +34,9 @@ class MultiHeadEmbedding(nn.Module):
         offsets = [0]
         for s in self.sizes[:-1]:
             offsets.append(offsets[-1] + s)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=device))
+        # Offsets are tiny and always real, even when the table itself is only planned on "meta".
+        on_meta = device is not None and torch.device(device).type == "meta"
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=None if on_meta else device))
         # Named like the reference (`multi_head_embedding.embedding.weight`).
         self.embedding = nn.Embedding(sum(self.sizes), dim, sparse=sparse, device=device, dtype=dtype)
         self.reset_parameters()

@@ -42,5 +42,7 @@ __all__ = [
 
 try:  # transformers integration: registers EngramForCausalLM / PhiEngramForCausalLM with the Auto classes
     from . import hf  # noqa: F401
-except ImportError:  # transformers not installed: the core works without it
-    pass
+except ImportError as _e:  # the core works without transformers; say why the integration is off
+    import warnings as _warnings
+
+    _warnings.warn(f"engram.hf is unavailable (needs transformers>=5.23): {_e}", ImportWarning, stacklevel=2)

@@ -45,4 +45,4 @@ try:  # transformers integration: registers EngramForCausalLM / PhiEngramForCaus
 except ImportError as _e:  # the core works without transformers; say why the integration is off
     import warnings as _warnings
 
-    _warnings.warn(f"engram.hf is unavailable (needs transformers>=5.23): {_e}", ImportWarning, stacklevel=2)
+    _warnings.warn(f"engram.hf is unavailable (needs transformers>=5.23): {_e}", stacklevel=2)

@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from engram.data import TokenBatcher, eval_batches
 from engram.hashing import NgramHashMapping
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, engram_modules, offload,
                             table_fingerprint, table_path)
+from engram.bench import interleaved
 from engram.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,24 +57,6 @@ def study_config(rows: int = 50_021) -> GPTConfig:
 
 def encode_file(tok, path: Path) -> np.ndarray:
     return np.asarray(tok(path.read_text())["input_ids"], dtype=np.int64)
-
-
-def interleaved(fns: dict[str, Callable[[], None]], reps: int, before: dict[str, Callable[[], None]] | None = None,
-                warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each fn, run round-robin; ``before[k]`` runs untimed ahead of each call."""
-    before = before or {}
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            if k in before:
-                before[k]()
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def table_bytes(model) -> int:

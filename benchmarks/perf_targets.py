@@ -25,8 +25,7 @@ from numpy_hash import numpy_hash_from_mapping  # noqa: E402
 from engram import EngramConfig  # noqa: E402
 from engram.hashing import NgramHashMapping  # noqa: E402
 from engram.model import EngramGPT, GPTConfig  # noqa: E402
-from engram.optim import build_optimizer  # noqa: E402
-from engram.bench import interleaved  # noqa: E402
+from engram.bench import interleaved, train_step_fn  # noqa: E402
 
 SHARED = Path(os.environ.get("ENGRAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
@@ -61,19 +60,6 @@ def gpt(tok, rows: int | None, sparse: bool | None = None) -> EngramGPT:
     return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=256, engram=eng), tok)
 
 
-def step_fn(model, x, y):
-    opts = build_optimizer(model, 1e-3)
-
-    def step():
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        for o in opts:
-            o.step()
-    return step
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
@@ -96,14 +82,14 @@ def main() -> None:
     y = torch.randint(0, 4096, (16, 128))
     if "table" in only:
         small, big = gpt(tok, 5003, sparse), gpt(tok, 500009, sparse)
-        med = interleaved({"1x": step_fn(small, x, y), "100x": step_fn(big, x, y)}, args.reps)
+        med = interleaved({"1x": train_step_fn(small, x, y), "100x": train_step_fn(big, x, y)}, args.reps)
         res["table"] = {"step_s_1x": med["1x"], "step_s_100x": med["100x"], "ratio": med["100x"] / med["1x"],
                         "sparse_grad": small.config.engram.sparse_grad}
         print("table", res["table"], flush=True)
         del small, big
     if "overhead" in only:
         base, eng = gpt(tok, None), gpt(tok, 20000, sparse)
-        med = interleaved({"base": step_fn(base, x, y), "engram": step_fn(eng, x, y)}, args.reps)
+        med = interleaved({"base": train_step_fn(base, x, y), "engram": train_step_fn(eng, x, y)}, args.reps)
         res["train_step"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("train_step", res["train_step"], flush=True)
 

@@ -46,16 +46,23 @@ VOCAB = 4096
 
 
 # ---------------------------------------------------------------------------------- timing
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin (A B A B ...) after ``warmup`` rounds."""
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, before: dict[str, Callable[[], Any]] | None = None,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin (A B A B ...) after ``warmup`` rounds.
+
+    ``before[k]`` runs untimed ahead of each timed call of ``fns[k]`` (e.g. dropping a page cache).
+    """
     if reps < 1:
         raise ValueError(f"reps={reps} must be >= 1")
+    before = before or {}
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            if k in before:
+                before[k]()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
@@ -254,12 +261,12 @@ def machine() -> dict[str, Any]:
 
 def to_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"# engram bench\n", f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+    lines = ["# engram bench\n", f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
              f"({m['torch_threads']} threads), load average at start {m['loadavg_start'][0]:.1f}. "
              f"Medians of {r['settings']['reps']} interleaved runs after a warm-up.\n"]
     if "seq" in r:
         s = r["seq"]
-        lines += [f"## Engram vs none over sequence length (B=1)\n",
+        lines += ["## Engram vs none over sequence length (B=1)\n",
                   f"Parameters: base {s['params']['base']}, Engram {s['params']['engram']}.\n",
                   "| T | train base (ms) | train Engram (ms) | ratio | fwd base (ms) | fwd Engram (ms) | ratio | peak RSS base / Engram (MiB) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -280,7 +287,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += [f"\nFast vs NumPy: {h['speedup_fast_vs_numpy']:.2f}x; bit-exact: {h['bit_exact']}.\n"]
     if "lookup" in r:
         lk = r["lookup"]
-        lines += [f"## Lookup vs memcpy\n",
+        lines += ["## Lookup vs memcpy\n",
                   f"Table {lk['table_rows']} rows x {lk['row_bytes']} B ({lk['table_mb']:.0f} MiB), "
                   f"{lk['gathered_mb']:.1f} MiB gathered per call: lookup {lk['gb_s']['lookup']:.2f} GB/s, "
                   f"memcpy {lk['gb_s']['memcpy']:.2f} GB/s ({lk['lookup_vs_memcpy']:.2f} of memcpy).\n"]

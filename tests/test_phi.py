@@ -19,12 +19,7 @@ PHI = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers
            bos_token_id=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ adversarial int64 values); ``"auto"`` picks fast for big inputs, plain for decod
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,23 @@ _FAST_MIN_TOKENS = 512
 # Up to this many tokens on the CPU (decode steps), Python integers beat a dozen tiny torch ops.
 _SCALAR_MAX_TOKENS = 16
 _METHODS = ("auto", "fast", "plain", "scalar")
+# From this many CPU tokens the hash is split along time over torch's intra-op thread count, each
+# slice on one Python thread with single-threaded ops (the ops release the GIL).
+_PARALLEL_MIN_TOKENS = 8192
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide worker pool for the hash (created once, grown if torch's thread count grows)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            # Each worker runs its ops single-threaded; set once per worker (setting it per call costs
+            # more than the slice). OpenMP's thread count is per thread: the caller keeps its own.
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engram-hash",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        return _POOL
 _MASK64 = (1 << 64) - 1
 _TWO52_BITS = 0x4330000000000000  # bit pattern of float64 2**52
 
@@ -291,9 +310,27 @@ class NgramHashMapping(nn.Module):
             method = "plain"  # primes too big for the float split
         if method == "scalar":
             return self._hash_scalar(full, B, T)
-        with _single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
-            rows = self._hash_fast(full, B, T) if method == "fast" else self._hash_plain(full, B, T)  # (L, B, T, O, K)
+        rows = self._hash_rows(full, B, T, self._hash_fast if method == "fast" else self._hash_plain)  # (L, B, T, O, K)
         return {lid: rows[i].reshape(B, T, self.config.n_heads_total) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
+
+    def _hash_rows(self, full: torch.Tensor, B: int, T: int, path) -> torch.Tensor:
+        """Run a tensor path over ``full`` (B, N-1+T), split along time over CPU threads when large.
+
+        Slice ``[s, e)`` of the output needs ``full[:, s : e+N-1]`` (its own N-1 ids of history),
+        so the slices are independent and their concatenation is the unsplit result.
+        """
+        workers = torch.get_num_threads() if full.device.type == "cpu" else 1
+        if workers < 2 or B * T < _PARALLEL_MIN_TOKENS:
+            with _single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
+                return path(full, B, T)
+        h = self.history_len
+        cuts = [T * i // workers for i in range(workers + 1)]
+
+        def run(i: int) -> torch.Tensor:
+            s, e = cuts[i], cuts[i + 1]
+            return path(full[:, s : e + h], B, e - s)  # (L, B, e-s, O, K), on a single-threaded worker
+
+        return torch.cat(list(_pool(workers).map(run, range(workers))), dim=2)  # (L, B, T, O, K)
 
     def _hash_scalar(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
         """Python-int path for a few tokens (decode): DESIGN.md §2.4 with explicit int64 wrapping."""

@@ -347,3 +347,22 @@ def test_meta_tables_are_never_allocated_and_open_from_disk(ref_tokenizer, tmp_p
     ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(meta(ids)[0], model(ids)[0])
+
+
+def test_hash_split_over_threads_equals_unsplit(ref_tokenizer):
+    from engram.hashing import _PARALLEL_MIN_TOKENS
+
+    mapping = NgramHashMapping(small_config(), ref_tokenizer)
+    ids = torch.randint(0, 4096, (3, _PARALLEL_MIN_TOKENS // 2 + 7), generator=torch.Generator().manual_seed(9))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = {m: mapping.hash(ids, method=m) for m in ("fast", "plain")}
+        torch.set_num_threads(3)  # uneven slices
+        split = {m: mapping.hash(ids, method=m) for m in ("fast", "plain")}
+    finally:
+        torch.set_num_threads(n)
+    for m in single:
+        for lid in single[m]:
+            assert torch.equal(single[m][lid], split[m][lid])
+            assert torch.equal(single[m][lid], single["plain"][lid])

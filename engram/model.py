@@ -266,9 +266,13 @@ class EngramGPT(nn.Module):
         new tokens after everything the cache has seen. ``attention_mask`` (B, S) marks real
         tokens (left padding for batched prompts). ``hash_ids`` may be precomputed.
         """
-        check_ids(input_ids, self.config.vocab_size, "input_ids", ndim=2)
-        if input_ids.lt(0).any():
-            raise ValueError("input_ids must be non-negative")
+        check_ids(input_ids, None, "input_ids", ndim=2)
+        if input_ids.numel():  # both bounds in one pass (one host sync on a device, not two)
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0:
+                raise ValueError("input_ids must be non-negative")
+            if hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids has id {hi} >= the model's vocabulary size {self.config.vocab_size}")
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:

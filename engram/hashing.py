@@ -334,8 +334,12 @@ class NgramHashMapping(nn.Module):
 
     def _hash_scalar(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
         """Python-int path for a few tokens (decode): DESIGN.md §2.4 with explicit int64 wrapping."""
+        return self._hash_lists(full.tolist(), B, T, full.device)
+
+    def _hash_lists(self, rows_ids: list[list[int]], B: int, T: int,
+                    device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+        """:meth:`_hash_scalar` on Python lists: ``rows_ids`` is B rows of N-1+T compressed ids."""
         N = self.config.max_ngram_size
-        rows_ids = full.tolist()  # B x (N-1+T)
         out: dict[int, torch.Tensor] = {}
         for lid in self.layer_ids:
             mult, primes = self.multipliers[lid], self.table_sizes[lid]
@@ -350,7 +354,8 @@ class NgramHashMapping(nn.Module):
                             signed = mix - (1 << 64) if mix >> 63 else mix
                             heads.extend(signed % p for p in primes[k - 1])  # Python % is non-negative
                     res.append(heads)
-            out[lid] = torch.tensor(res, dtype=torch.long).view(B, T, self.config.n_heads_total).to(full.device)
+            t = torch.tensor(res, dtype=torch.long).view(B, T, self.config.n_heads_total)
+            out[lid] = t if torch.device(device).type == "cpu" else t.to(device)
         return out
 
     def _constants(self, device: torch.device) -> dict[str, Any]:
@@ -465,6 +470,47 @@ class NgramHashMapping(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         return self.hash_compressed(self.compress(input_ids), history, method)
+
+    def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
+                  token_mask: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """What a model forward needs: compress, hash and advance the history in one call.
+
+        Args:
+            input_ids: raw ids ``(B, T)``.
+            history: compressed ids ``(B, N-1)`` before them, or ``None`` at the start of a sequence.
+            token_mask: ``(B, T)`` bool, False at padding (padding reads as the pad id, the
+                history a sequence starts with).
+
+        Returns ``({layer_id: (B, T, H)}, next history (B, N-1))``. A few CPU tokens (a decode
+        step) take one Python-int pass instead of ~10 small tensor ops; the result is the same.
+        """
+        check_ids(input_ids, None, "input_ids", ndim=2)
+        if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
+            return self._step_scalar(input_ids, history, token_mask)
+        comp = self.compress(input_ids)  # (B, T)
+        if token_mask is not None:
+            comp = torch.where(token_mask.to(comp.device), comp, self.pad_id)
+        return self.hash_compressed(comp, history), self.next_history(history, comp)
+
+    def _step_scalar(self, input_ids: torch.Tensor, history: torch.Tensor | None,
+                     token_mask: torch.Tensor | None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """:meth:`hash_step` for a few CPU tokens, on Python ints."""
+        B, T = input_ids.shape
+        h, pad, table, n = self.history_len, self.pad_id, self._lookup_list, self.compressed.raw_vocab_size
+        ids = input_ids.tolist()
+        top = max((max(r) for r in ids if r), default=-1)
+        if top >= n:
+            raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
+        past = history.tolist() if history is not None else [[pad] * h] * B
+        keep = token_mask.tolist() if token_mask is not None else None
+        full = []
+        for b in range(B):
+            comp = [table[v] if v >= 0 else v for v in ids[b]]  # negative ids pass through, as in compress
+            if keep is not None:
+                comp = [c if k else pad for c, k in zip(comp, keep[b])]
+            full.append(past[b] + comp)  # N-1+T
+        nxt = torch.tensor([row[len(row) - h :] for row in full], dtype=torch.long)  # (B, N-1)
+        return self._hash_lists(full, B, T), nxt
 
     def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor) -> torch.Tensor:
         """History after appending compressed ids ``(B, T)``: the last N-1 ids."""

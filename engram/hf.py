@@ -392,13 +392,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 # Count real tokens only, so a left-padded row sees the positions it has alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
 
-        comp = self.hashing.compress(input_ids)  # (B, T) canonical ids
-        if token_mask is not None:  # padding reads as the pad history a sequence starts with
-            comp = torch.where(token_mask, comp, self.hashing.pad_id)
-        history = cache.history if cache is not None else None
-        hash_ids = self.hashing.hash_compressed(comp, history)  # {layer: (B, T, H)}
+        # {layer: (B, T, H)}; padding reads as the pad history a sequence starts with
+        hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, token_mask)
         if cache is not None:
-            cache.history = self.hashing.next_history(history, comp)  # (B, N-1)
+            cache.history = history  # (B, N-1)
             cache.seen = past + T
 
         self._step = _Step(hash_ids, token_mask, cache)

@@ -290,13 +290,10 @@ class EngramGPT(nn.Module):
             cache.pad_mask = pad_mask
         new_mask = None if pad_mask is None else pad_mask[:, start:]  # (B, T)
         if self.hashing is not None and hash_ids is None:
-            comp = self.hashing.compress(input_ids)  # (B, T)
-            if new_mask is not None:  # padding reads as the pad history a sequence starts with
-                comp = torch.where(new_mask, comp, self.hashing.pad_id)
-            history = cache.history if cache is not None else None
-            hash_ids = self.hashing.hash_compressed(comp, history)
+            # padding (new_mask False) reads as the pad history a sequence starts with
+            hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, new_mask)
             if cache is not None:
-                cache.history = self.hashing.next_history(history, comp)
+                cache.history = history  # (B, N-1)
         positions = torch.arange(start, start + T, device=input_ids.device)
         if pad_mask is not None:
             # Left padding: positions count real tokens only, so a padded row matches its unpadded run.
@@ -311,7 +308,9 @@ class EngramGPT(nn.Module):
             kv = cache.kv[i] if cache is not None else None
             est = None
             if cache is not None and block.engram is not None:
-                est = cache.engram.setdefault(i, EngramLayerState())
+                est = cache.engram.get(i)
+                if est is None:
+                    est = cache.engram[i] = EngramLayerState()
             h = block(h, hash_ids, cos, sin, kv, pad_mask, est, new_mask)
         if cache is not None:
             cache.length = start + T
@@ -321,7 +320,7 @@ class EngramGPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping: cheaper per op than no_grad
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``input_ids`` (B, T) with a KV cache; temperature 0 = greedy."""

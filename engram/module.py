@@ -40,8 +40,36 @@ class EngramLayerState:
 
 
 _CONV_METHODS = ("taps", "conv")
-# Up to this many tokens (decode steps) the gate normalises key and query in one stacked call.
+# Up to this many tokens a CPU step is dispatch-bound: the lean RMSNorm composite below is used.
 _SMALL_TOKENS = 64
+_CONSTS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d tensor on ``like``'s device and dtype (a Python float operand costs a tensor wrap per op)."""
+    key = (value, like.dtype, like.device)
+    c = _CONSTS.get(key)
+    if c is None:
+        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return c
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (..., D) times ``weight`` (broadcast to ``x``, e.g. (M, D)).
+
+    ``F.rms_norm`` for most inputs; for a few float32/64 CPU tokens (decode) a four-op composite
+    with the same math (``F.rms_norm`` on CPU is a composite of ~7 ops there, dispatch-bound).
+    """
+    D = x.shape[-1]
+    if x.device.type == "cpu" and x.numel() <= _SMALL_TOKENS * D and x.dtype in (torch.float32, torch.float64):
+        ss = (x * x).sum(-1, keepdim=True)  # (..., 1)
+        r = torch.addcmul(_const(eps, x), ss, _const(1.0 / D, x)).rsqrt_()  # 1 / sqrt(mean(x^2) + eps)
+        y = x * r
+        return y if weight is None else y * weight
+    if weight is not None and weight.dim() == 1:
+        return F.rms_norm(x, (D,), weight, eps=eps)
+    y = F.rms_norm(x, (D,), eps=eps)
+    return y if weight is None else y * weight
 
 
 class ShortConv(nn.Module):
@@ -76,10 +104,7 @@ class ShortConv(nn.Module):
         B, T, M, D = x.shape
         if T == 0:  # nothing new: the state stays as it is
             return x.new_zeros(B, 0, M, D)
-        if M == 1:  # the weight rides in the norm call: one op fewer per step
-            xn = F.rms_norm(x, (D,), self.norm_weight.view(D), eps=self.eps)  # (B, T, 1, D)
-        else:
-            xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
+        xn = rms_norm(x, self.norm_weight.view(D) if M == 1 else self.norm_weight, self.eps)  # (B, T, M, D)
         if token_mask is not None:  # padding must not leak into real tokens through the conv
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
         xn = xn.reshape(B, T, M * D)  # (B, T, C)
@@ -90,16 +115,20 @@ class ShortConv(nn.Module):
             past = xn.new_zeros(B, W, M * D)  # zero padding == the conv's causal padding
         full = torch.cat([past, xn], dim=1)  # (B, W+T, C)
         if state is not None:
-            state.conv = full[:, full.shape[1] - W :].detach()
-        if self.method == "taps":
-            w = self.conv.weight[:, 0, :]  # (C, K)
-            d = self.dilation
+            tail = full[:, T:]  # (B, W, C)
+            state.conv = tail.detach() if tail.requires_grad else tail
+        w = self.conv.weight.view(M * D, self.kernel_size)  # (C, K)
+        d = self.dilation
+        if self.method == "taps" and T == 1:
+            # One decode step: the K taps are rows 0, d, .., (K-1)d of the window.
+            y = (full[:, ::d] * w.t()).sum(1, keepdim=True)  # (B, 1, C)
+        elif self.method == "taps":
             y = full[:, :T] * w[:, 0]  # (B, T, C): tap k reads the input k*d steps after the window start
             for k in range(1, self.kernel_size):
                 y = y.addcmul_(full[:, k * d : k * d + T], w[:, k])
-            return F.silu(y).view(B, T, M, D)
-        y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=M * D)  # (B, C, T)
-        return F.silu(y).transpose(1, 2).reshape(B, T, M, D)
+        else:
+            y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=d, groups=M * D).transpose(1, 2)  # (B, T, C)
+        return F.silu(y).view(B, T, M, D)
 
 
 class Engram(nn.Module):
@@ -156,19 +185,27 @@ class Engram(nn.Module):
         """Context gate ``a`` ``(B, T, M, 1)`` from memory ``e`` (B, T, E) and hidden states (B, T, M, D).
 
         A method of its own so tools (``engram inspect``) can hook the per-token gate values.
+
+        ``z = <RMSNorm(k) * w_k, RMSNorm(h) * w_q> / sqrt(D)`` is computed factored, without
+        materialising either normalised vector: with ``s_x = sum(x**2)`` and RMSNorm's
+        ``eps``, ``z = sum(k * w_k * w_q * h) * sqrt(D) / sqrt((s_k + D*eps) * (s_h + D*eps))``.
+        Same math in fewer, smaller ops (decode on CPU is dispatch-bound) and less saved for
+        backward; tests compare it with the normalise-then-dot form, gradients included.
         """
         B, T, M, D = hidden_states.shape
         k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
-        if B * T <= _SMALL_TOKENS and k.dtype == hidden_states.dtype:
-            # Decode: one RMSNorm call for both (on CPU it is ~6 small ops; dispatch dominates).
-            kn, qn = F.rms_norm(torch.stack([k, hidden_states]), (D,)).unbind(0)  # 2 x (B, T, M, D)
-        else:
-            kn, qn = F.rms_norm(k, (D,)), F.rms_norm(hidden_states, (D,))
-        k = kn * self.key_norm_weight
-        q = qn * self.query_norm_weight
-        z = (k * q).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
-        z = z.abs().clamp_min(1e-6).sqrt() * z.sign()  # signed sqrt, as in the demo
-        return torch.sigmoid(z)  # (B, T, M, 1)
+        q = hidden_states
+        if k.dtype in (torch.float16, torch.bfloat16):
+            k, q = k.float(), q.float()  # sums of squares overflow float16
+        kq = torch.stack([k, q])  # (2, B, T, M, D)
+        ss = torch.linalg.vecdot(kq, kq)  # (2, B, T, M): s_k, s_h
+        dot = torch.linalg.vecdot(k * self.key_norm_weight, q * self.query_norm_weight)  # (B, T, M)
+        # rsqrt((s + D*eps) / sqrt(D)) = D**-0.25 / rms; the product of the two is z's scale.
+        eps = torch.finfo(hidden_states.dtype).eps  # RMSNorm's default eps for the input dtype
+        r = torch.addcmul(_const(math.sqrt(D) * eps, ss), ss, _const(D**-0.5, ss)).rsqrt_()  # (2, B, T, M)
+        z = dot * r.prod(0)  # (B, T, M)
+        a = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())  # signed sqrt, as in the demo
+        return a.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, M, 1)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:

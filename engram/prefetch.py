@@ -4,8 +4,8 @@ Shapes: B batch, T time, H heads per layer, d row width.
 
 Engram addresses depend on token ids only, so the rows a layer will need are known before the
 forward pass reaches it. A :class:`Prefetcher` wraps the model's hashing
-(``NgramHashMapping.hash_compressed``, which ``EngramGPT.forward`` calls once per prefill and
-once per decode step) and, the moment the hash ids exist, queues one gather per offloaded
+(``NgramHashMapping.hash_step``, which ``EngramGPT.forward`` and ``EngramForCausalLM.forward``
+call once per prefill and once per decode step) and, the moment the hash ids exist, queues one gather per offloaded
 Engram layer, in layer order, on a background worker:
 
 - CPU: a single worker thread (torch releases the GIL in gathers and page faults), so the rows
@@ -63,14 +63,14 @@ class Prefetcher:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.submitted = 0
         for h in self.hashings:
-            original = h.hash_compressed  # bound method of the class
+            original = h.hash_step  # bound method of the class
 
-            def hooked(x: torch.Tensor, history: torch.Tensor | None = None, _orig=original) -> dict[int, torch.Tensor]:
-                out = _orig(x, history)
-                self.prefetch(out)
+            def hooked(*args: Any, _orig=original, **kwargs: Any) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                out = _orig(*args, **kwargs)
+                self.prefetch(out[0])
                 return out
 
-            h.hash_compressed = hooked  # instance attribute shadows the method; close() removes it
+            h.hash_step = hooked  # instance attribute shadows the method; close() removes it
 
     def prefetch(self, hash_ids: dict[int, torch.Tensor]) -> None:
         """Queue the gathers of ``{layer_id: (B, T, H)}`` for every offloaded layer, in layer order."""
@@ -103,7 +103,7 @@ class Prefetcher:
             if isinstance(e.memory, OffloadedMultiHeadEmbedding):
                 e.memory._wait_pending()
         for h in self.hashings:
-            h.__dict__.pop("hash_compressed", None)
+            h.__dict__.pop("hash_step", None)
         self._pool.shutdown(wait=True)
         if getattr(self.model, "engram_prefetcher", None) is self:
             del self.model.engram_prefetcher

@@ -126,6 +126,26 @@ def test_hash_checks_ids_on_cpu_and_negative_ids_pass_through():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 3), (3, 5), (4, 40)])  # the last is past the scalar path
+def test_hash_step_equals_compress_mask_hash_and_history(B, T):
+    m = mapping()
+    g = torch.Generator().manual_seed(B * 100 + T)
+    ids = torch.randint(0, 97, (B, T), generator=g)
+    ids[0, 0] = -4  # negative ids pass through, as in compress
+    mask = torch.rand(B, T, generator=g) > 0.3
+    for hist in (None, m.compress(torch.randint(0, 97, (B, m.history_len), generator=g))):
+        for tm in (None, mask):
+            got, nxt = m.hash_step(ids, hist, tm)
+            comp = m.compress(ids)
+            if tm is not None:
+                comp = torch.where(tm, comp, m.pad_id)
+            want = m.hash_compressed(comp, hist, method="plain")
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+            assert torch.equal(nxt, m.next_history(hist, comp))
+    with pytest.raises(ValueError, match="97"):
+        m.hash_step(torch.full((B, T), 97))
+
+
 def test_fast_constants_survive_dtype_casts():
     """model.to(bfloat16) must not round the fast path's float64 constants."""
     m = mapping((646_400, 646_400))
@@ -155,10 +175,11 @@ def test_conv_taps_equal_conv1d_with_gradients_and_state(hc_mult):
     gx2, gw2, gn2 = torch.autograd.grad(y2, (x, plain.conv.weight, plain.norm_weight), g)
     for a, b in ((gx1, gx2), (gw1, gw2), (gn1, gn2)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # decode: pieces with state == whole (exactly, for the taps path: same ops per position)
+    # decode: pieces with state == whole (a one-token step sums its taps in one reduction: float
+    # reassociation only)
     st = EngramLayerState()
-    pieces = torch.cat([taps(x[:, :5], st), taps(x[:, 5:6], st), taps(x[:, 6:], st)], 1)
-    torch.testing.assert_close(pieces, y1, rtol=0, atol=0)
+    pieces = torch.cat([taps(x[:, :5], st), taps(x[:, 5:6], st), taps(x[:, 6:7], st), taps(x[:, 7:], st)], 1)
+    torch.testing.assert_close(pieces, y1, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="method"):
         ShortConv(D, 1, K, dil, 1e-5, method="fft")
 
@@ -293,22 +314,47 @@ def test_engram_bench_quick_writes_json_markdown_and_plots(tmp_path, capsys):
     assert "unknown sections" in capsys.readouterr().err
 
 
-def test_gate_small_batch_stacked_norm_equals_separate_norms():
+@pytest.mark.parametrize("T", [1, 3, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_gate_equals_normalise_then_dot_with_gradients(T, dtype):
+    """The gate's factored form against DESIGN.md §3 as written: RMSNorm both, dot, signed sqrt."""
     cfg = EngramConfig(hidden_size=16, hc_mult=2, layer_ids=[0], max_ngram_size=3, n_embed_per_ngram=8,
                        n_head_per_ngram=2, engram_vocab_size=[31, 37])
     torch.manual_seed(0)
-    mod = Engram(cfg, 0, [[37, 41], [43, 47]])
+    mod = Engram(cfg, 0, [[37, 41], [43, 47]]).to(dtype)
     with torch.no_grad():
         mod.key_norm_weight.uniform_(0.5, 1.5)
-        mod.query_norm_weight.uniform_(0.5, 1.5)
-    e = torch.randn(1, 3, cfg.memory_dim)
-    h = torch.randn(1, 3, 2, 16)
-    got = mod.gate(e, h)  # B*T = 3: the stacked decode path
-    k = F.rms_norm(mod.key_proj(e).view(1, 3, 2, 16), (16,)) * mod.key_norm_weight
-    q = F.rms_norm(h, (16,)) * mod.query_norm_weight
-    z = (k * q).sum(-1, keepdim=True) / math.sqrt(16)
-    expect = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())
-    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+        mod.query_norm_weight.uniform_(-1.5, 1.5)
+    e = torch.randn(2, T, cfg.memory_dim, dtype=dtype, requires_grad=True)
+    h = (torch.randn(2, T, 2, 16, dtype=dtype) * 3).requires_grad_()
+
+    def plain():
+        k = F.rms_norm(mod.key_proj(e).view(2, T, 2, 16), (16,)) * mod.key_norm_weight
+        q = F.rms_norm(h, (16,)) * mod.query_norm_weight
+        z = (k * q).sum(-1, keepdim=True) / math.sqrt(16)
+        return torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())
+
+    got, expect = mod.gate(e, h), plain()
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(got, expect, **tol)
+    g = torch.randn_like(got)
+    params = (e, h, mod.key_proj.weight, mod.key_norm_weight, mod.query_norm_weight)
+    rel = 2e-5 if dtype == torch.float32 else 1e-10  # of the largest entry: sums over 2*T tokens reassociate
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(plain(), params, g)):
+        assert (a - b).abs().max() <= rel * b.abs().max(), (a - b).abs().max()
+
+
+def test_factored_gate_half_precision_does_not_overflow():
+    cfg = EngramConfig(hidden_size=64, layer_ids=[0], max_ngram_size=2, n_embed_per_ngram=16,
+                       n_head_per_ngram=2, engram_vocab_size=[31])
+    torch.manual_seed(0)
+    mod = Engram(cfg, 0, [[37, 41]])
+    e = torch.randn(1, 4, cfg.memory_dim)
+    h = torch.randn(1, 4, 1, 64) * 100  # sum of squares ~6e5 > float16's max
+    ref = mod.gate(e, h)
+    got = mod.to(torch.float16).gate(e.half(), h.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=5e-3)
 
 
 def test_docs_performance_example_runs():

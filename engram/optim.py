@@ -5,8 +5,8 @@ weight decay; dense parameters use AdamW (weight decay on matrices only).
 
 A step must cost what the touched rows cost (DESIGN.md §4). Tables built with
 ``EngramConfig(sparse_grad=True)`` give sparse row gradients, and :func:`build_optimizer` then
-uses ``torch.optim.SparseAdam`` (lazy Adam: only rows present in the gradient are read or
-written). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
+uses :class:`RowSparseAdam`: ``torch.optim.SparseAdam``'s lazy Adam (only rows present in the
+gradient are read or written), same math and state, run as dense row ops (~5x faster on CPU). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
 moments and value there, where dense Adam would decay the moments and still move the row by its
 momentum (tests/test_perf_paths.py pins both facts). One more convention differs: Adam adds
 ``eps`` after bias-correcting ``v``, SparseAdam before, which matters only for gradients near
@@ -17,10 +17,68 @@ Both keep two fp32 moments per table entry: ``2 * d * 4`` bytes of optimizer sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+
+class RowSparseAdam(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` with the same update, state and hyper-parameters, in row ops.
+
+    SparseAdam applies each moment update as a sparse tensor (``sparse_mask``, dense += sparse),
+    which costs ~14 ms per step for 16k touched rows of width 32 on a 2-core CPU (half of
+    Engram's training-step overhead in the study model). Here the touched rows are gathered
+    with ``index_select``, updated densely in the same order of operations and written back with
+    ``index_add_`` (unique rows after coalescing, so each is one plain add): bit-identical to
+    SparseAdam (tests/test_perf_paths.py), and its state dict loads into SparseAdam and back.
+    Parameters must get row-sparse gradients (``sparse_dim() == 1``: ``nn.Embedding(sparse=True)``).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps, lr, maximize = group["eps"], float(group["lr"]), group.get("maximize", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse or p.grad.sparse_dim() != 1:
+                    raise RuntimeError(
+                        "RowSparseAdam needs row-sparse gradients (nn.Embedding(sparse=True)); "
+                        "use torch.optim.Adam for dense ones"
+                    )
+                state = self.state[p]
+                if not state:  # as SparseAdam: an int step and two moments shaped like p
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                grad = (-p.grad if maximize else p.grad).coalesce()  # unique rows: the update is non-linear
+                rows, values = grad._indices()[0], grad._values()  # (n,), (n, d)
+                if values.numel() == 0:
+                    continue
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # old <- b * old + (1 - b) * new, written as old += (1 - b) * (new - old), as SparseAdam
+                old_m = exp_avg.index_select(0, rows)  # (n, d)
+                upd_m = values.sub(old_m).mul_(1 - beta1)
+                exp_avg.index_add_(0, rows, upd_m)
+                old_v = exp_avg_sq.index_select(0, rows)
+                upd_v = values.pow(2).sub_(old_v).mul_(1 - beta2)
+                exp_avg_sq.index_add_(0, rows, upd_v)
+                numer = upd_m.add_(old_m)
+                denom = upd_v.add_(old_v).sqrt_().add_(eps)
+                step = state["step"]
+                step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                p.index_add_(0, rows, -step_size * numer.div_(denom))
+        return loss
+
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -51,7 +109,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, tabl
                     betas: tuple[float, float] = (0.9, 0.95)) -> list[torch.optim.Optimizer]:
     """Optimizers for ``model``: AdamW for dense params, Adam (no decay, ``table_lr_mult`` x lr) for tables.
 
-    Returns a list (one optimizer per kind): ``AdamW`` (dense), then ``SparseAdam`` for tables
+    Returns a list (one optimizer per kind): ``AdamW`` (dense), then :class:`RowSparseAdam` for tables
     with sparse gradients and/or ``Adam`` for tables with dense ones. Every group records
     ``base_lr`` so schedulers scale all groups together.
     """
@@ -69,7 +127,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, tabl
         sparse = [p for p in tables if id(p) in sparse_ids]
         dense = [p for p in tables if id(p) not in sparse_ids]
         if sparse:  # lazy Adam: O(rows touched) per step; it has no weight decay, as tables want
-            opts.append(torch.optim.SparseAdam([{"params": sparse, "base_lr": tlr}], lr=tlr, betas=betas))
+            opts.append(RowSparseAdam([{"params": sparse, "base_lr": tlr}], lr=tlr, betas=betas))
         if dense:
             opts.append(torch.optim.Adam([{"params": dense, "base_lr": tlr}], lr=tlr, betas=betas, weight_decay=0.0))
     return opts

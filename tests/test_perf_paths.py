@@ -4,7 +4,8 @@
   and fast == plain == the NumPy oracle (benchmarks/numpy_hash.py) on ids;
 - ShortConv: shifted multiply-adds == ``F.conv1d``, outputs and gradients, whole and in pieces;
 - tables: SparseAdam == dense Adam on rows touched at every step, and the documented lazy
-  difference on rows skipped at a step; ``build_optimizer`` picks it for sparse tables;
+  difference on rows skipped at a step; RowSparseAdam == SparseAdam bit for bit;
+  ``build_optimizer`` picks RowSparseAdam for sparse tables;
 - ``clip_grad_norm_`` with sparse gradients == clipping the densified gradients.
 """
 
@@ -25,7 +26,7 @@ from engram.bench import numpy_hash
 from engram.hashing import NgramHashMapping, split_plan
 from engram.model import EngramGPT, GPTConfig
 from engram.module import Engram, EngramLayerState, ShortConv
-from engram.optim import build_optimizer, clip_grad_norm_, optimizer_state_bytes
+from engram.optim import RowSparseAdam, build_optimizer, clip_grad_norm_, optimizer_state_bytes
 from engram.tokenizer import CompressedTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,40 @@ def test_sparse_adam_is_lazy_on_rows_skipped_at_a_step():
     assert not torch.allclose(dense[1:3], after_one[1:3])  # dense: moved by momentum
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+def test_row_sparse_adam_is_bit_identical_to_sparse_adam(maximize):
+    """Same update, state and state-dict format as torch.optim.SparseAdam, over steps with
+    duplicate rows, empty steps, a changed lr, and a state dict moved between the two."""
+    torch.manual_seed(0)
+    a, b = nn.Embedding(300, 8, sparse=True), nn.Embedding(300, 8, sparse=True)
+    b.load_state_dict(a.state_dict())
+    kw = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6, "maximize": maximize}
+    oa, ob = torch.optim.SparseAdam(a.parameters(), **kw), RowSparseAdam(b.parameters(), **kw)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        idx = torch.randint(0, 300, (4, 50), generator=g)  # many duplicates
+        target = torch.randn(8, generator=g)
+        for emb, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            loss = ((emb(idx) - target) ** 2).sum() if step != 3 else emb(idx[:, :0]).sum()  # step 3: no rows
+            loss.backward()
+            opt.step()
+        if step == 4:
+            for opt in (oa, ob):
+                opt.param_groups[0]["lr"] = 0.01
+        assert torch.equal(a.weight, b.weight), step
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            sa, sb = oa.state[a.weight][key], ob.state[b.weight][key]
+            assert torch.equal(sa, sb) if torch.is_tensor(sa) else sa == sb
+    oa2 = torch.optim.SparseAdam(a.parameters(), **kw)
+    oa2.load_state_dict(ob.state_dict())  # a RowSparseAdam checkpoint resumes under SparseAdam
+    assert oa2.state[a.weight]["step"] == ob.state[b.weight]["step"]
+    with pytest.raises(RuntimeError, match="row-sparse"):
+        w = nn.Parameter(torch.zeros(3, 2))
+        w.grad = torch.ones(3, 2)
+        RowSparseAdam([w]).step()
+
+
 def tiny_gpt(sparse: bool) -> EngramGPT:
     eng = EngramConfig(hidden_size=32, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=4,
                        engram_vocab_size=[211, 307], pad_id=1, sparse_grad=sparse)
@@ -229,13 +264,13 @@ def tiny_gpt(sparse: bool) -> EngramGPT:
                      tiny_tokenizer())
 
 
-def test_build_optimizer_uses_sparse_adam_for_sparse_tables_and_state_bytes():
+def test_build_optimizer_uses_row_sparse_adam_for_sparse_tables_and_state_bytes():
     x = torch.randint(0, 97, (2, 16))
     for sparse in (False, True):
         model = tiny_gpt(sparse)
         opts = build_optimizer(model, 1e-3, weight_decay=0.1, table_lr_mult=5.0)
         kinds = [type(o).__name__ for o in opts]
-        assert kinds == ["AdamW", "SparseAdam" if sparse else "Adam"]
+        assert kinds == ["AdamW", "RowSparseAdam" if sparse else "Adam"]
         assert opts[1].param_groups[0]["lr"] == pytest.approx(5e-3)
         assert opts[1].param_groups[0]["base_lr"] == pytest.approx(5e-3)
         _, loss = model(x, x)

@@ -14,9 +14,6 @@ adversarial int64 values); ``"auto"`` picks fast for big inputs, plain for decod
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import EngramConfig
+from .threads import pool, single_thread
 from .tokenizer import CompressedTokenizer
 from .validation import check_ids
 
@@ -45,20 +43,6 @@ _METHODS = ("auto", "fast", "plain", "scalar")
 # From this many CPU tokens the hash is split along time over torch's intra-op thread count, each
 # slice on one Python thread with single-threaded ops (the ops release the GIL).
 _PARALLEL_MIN_TOKENS = 8192
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide worker pool for the hash (created once, grown if torch's thread count grows)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            # Each worker runs its ops single-threaded; set once per worker (setting it per call costs
-            # more than the slice). OpenMP's thread count is per thread: the caller keeps its own.
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engram-hash",
-                                       initializer=torch.set_num_threads, initargs=(1,))
-        return _POOL
 _MASK64 = (1 << 64) - 1
 _TWO52_BITS = 0x4330000000000000  # bit pattern of float64 2**52
 
@@ -153,25 +137,6 @@ def fast_mod_constants(primes: list[int], widths: tuple[int, ...]) -> dict[str, 
     }
 
 
-@contextlib.contextmanager
-def _single_thread(device: torch.device, numel: int | None = None):
-    """Run CPU ops on the calling thread only.
-
-    The fast hash is a few ms of cache-resident elementwise passes; on a small, shared machine
-    waking intra-op threads for each costs more than it saves (measured in docs/performance.md).
-    ``torch.set_num_threads`` sets OpenMP's per-thread ICV, so other Python threads are unaffected.
-    """
-    if device.type != "cpu" or (numel is not None and numel < 32768):  # small ops never fork anyway
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def resolve_pad_id(pad_id: int | str | None, tokenizer: Any) -> int:
     """Raw pad id from an int, a token string or ``None`` (tokenizer's pad, else eos, else 0)."""
     if isinstance(pad_id, int):
@@ -229,7 +194,6 @@ class NgramHashMapping(nn.Module):
             lid: layer_multipliers(config.seed, lid, config.max_ngram_size, n_comp) for lid in self.layer_ids
         }
         self.table_sizes = head_table_sizes(config, self.layer_ids)
-        self.register_buffer("lookup_table", torch.from_numpy(self.compressed.lookup_table.copy()), persistent=False)
         # (L, N) multipliers and (L, H) primes, in layer order.
         self.register_buffer(
             "_mult", torch.tensor([self.multipliers[l] for l in self.layer_ids], dtype=torch.long).reshape(-1, config.max_ngram_size),
@@ -244,7 +208,6 @@ class NgramHashMapping(nn.Module):
         max_prime = max(p for l in self.layer_ids for order in self.table_sizes[l] for p in order)
         self.fast_widths = split_plan(max_prime)  # None: primes too big, "fast" falls back to plain
         self._fast_cache: dict[torch.device, dict[str, Any]] = {}
-        self._lookup_list: list[int] = self.compressed.lookup_table.tolist()  # for the scalar path
 
     @property
     def history_len(self) -> int:
@@ -254,35 +217,11 @@ class NgramHashMapping(nn.Module):
     def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Raw ids (any shape, integer) -> compressed ids, on the same device.
 
-        Ids >= the tokenizer's size raise ``ValueError`` when checked on the CPU; on an
-        accelerator the check is skipped, since it would stall the host on every call (the
-        gather then fails on the device instead).
+        :meth:`CompressedTokenizer.compress`: ids >= the tokenizer's size raise ``ValueError``
+        on the CPU; on an accelerator the check is skipped, since it would stall the host on
+        every call (the gather then fails on the device instead).
         """
-        check_ids(input_ids, None, "input_ids")
-        if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
-            return self._compress_scalar(input_ids)
-        table = self.lookup_table if self.lookup_table.device == input_ids.device else self.compressed.table_on(input_ids.device)
-        ids = input_ids.long()
-        # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.
-        with _single_thread(ids.device, ids.numel()):
-            if ids.device.type == "cpu" and ids.numel():
-                lo, hi = int(ids.min()), int(ids.max())
-                if hi >= self.compressed.raw_vocab_size:
-                    raise ValueError(
-                        f"input_ids has id {hi} >= the tokenizer's vocabulary size {self.compressed.raw_vocab_size}"
-                    )
-                if lo >= 0:  # the common case: no negative ids to pass through
-                    return table[ids]
-            return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
-
-    def _compress_scalar(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """:meth:`compress` for a few CPU ids (decode): Python ints, no tensor ops but one."""
-        table, n = self._lookup_list, self.compressed.raw_vocab_size
-        vals = input_ids.reshape(-1).tolist()
-        top = max(vals, default=-1)
-        if top >= n:
-            raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
-        return torch.tensor([table[v] if v >= 0 else v for v in vals], dtype=torch.long).view(input_ids.shape)
+        return self.compressed.compress(input_ids)
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Pad-filled history ``(B, N-1)`` of compressed ids for the start of a sequence."""
@@ -321,7 +260,7 @@ class NgramHashMapping(nn.Module):
         """
         workers = torch.get_num_threads() if full.device.type == "cpu" else 1
         if workers < 2 or B * T < _PARALLEL_MIN_TOKENS:
-            with _single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
+            with single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
                 return path(full, B, T)
         h = self.history_len
         cuts = [T * i // workers for i in range(workers + 1)]
@@ -330,7 +269,7 @@ class NgramHashMapping(nn.Module):
             s, e = cuts[i], cuts[i + 1]
             return path(full[:, s : e + h], B, e - s)  # (L, B, e-s, O, K), on a single-threaded worker
 
-        return torch.cat(list(_pool(workers).map(run, range(workers))), dim=2)  # (L, B, T, O, K)
+        return torch.cat(list(pool(workers).map(run, range(workers))), dim=2)  # (L, B, T, O, K)
 
     def _hash_scalar(self, full: torch.Tensor, B: int, T: int) -> dict[int, torch.Tensor]:
         """Python-int path for a few tokens (decode): DESIGN.md §2.4 with explicit int64 wrapping."""
@@ -496,7 +435,7 @@ class NgramHashMapping(nn.Module):
                      token_mask: torch.Tensor | None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """:meth:`hash_step` for a few CPU tokens, on Python ints."""
         B, T = input_ids.shape
-        h, pad, table, n = self.history_len, self.pad_id, self._lookup_list, self.compressed.raw_vocab_size
+        h, pad, table, n = self.history_len, self.pad_id, self.compressed.table_list, self.compressed.raw_vocab_size
         ids = input_ids.tolist()
         top = max((max(r) for r in ids if r), default=-1)
         if top >= n:

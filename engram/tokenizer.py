@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .threads import single_thread
 from .validation import check_ids
 
 _SENTINEL = "\ue000"
+# Up to this many CPU ids (a decode step), a Python-int lookup beats the tensor gather's set-up.
+_SCALAR_MAX_IDS = 16
 
 
 def _normalizer():
@@ -102,6 +105,7 @@ class CompressedTokenizer:
         self.lookup_table: np.ndarray = table  # (V_raw,) int64
         self.num_new_token = int(table.max()) + 1
         self._torch_tables: dict[torch.device, torch.Tensor] = {}
+        self._table_list: list[int] | None = None
 
     def __len__(self) -> int:
         return self.num_new_token
@@ -123,13 +127,45 @@ class CompressedTokenizer:
             self._torch_tables[device] = t
         return t
 
+    @property
+    def table_list(self) -> list[int]:
+        """The lookup table as Python ints (for the few-ids path; built once)."""
+        if self._table_list is None:
+            self._table_list = self.lookup_table.tolist()
+        return self._table_list
+
+    def compress(self, input_ids: torch.Tensor, check: bool = False) -> torch.Tensor:
+        """Raw ids (integer tensor, any shape and device) -> canonical ids, same shape and device.
+
+        Negative ids (padding conventions) pass through, as in the reference. Ids >= the
+        raw vocabulary raise ``ValueError``: always for CPU tensors; on an accelerator only with
+        ``check=True``, since reading the maximum back stalls the host (unchecked, the gather
+        fails on the device instead).
+        """
+        check_ids(input_ids, None, "input_ids")
+        n = self.raw_vocab_size
+        if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_IDS:
+            vals = input_ids.reshape(-1).tolist()
+            top = max(vals, default=-1)
+            if top >= n:
+                raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
+            table = self.table_list
+            return torch.tensor([table[v] if v >= 0 else v for v in vals], dtype=torch.long).view(input_ids.shape)
+        table = self.table_on(input_ids.device)
+        ids = input_ids.long()
+        # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.
+        with single_thread(ids.device, ids.numel()):
+            if ids.numel() and (check or ids.device.type == "cpu"):
+                lo, hi = (int(v) for v in torch.aminmax(ids))  # both bounds in one pass
+                if hi >= n:
+                    raise ValueError(f"input_ids has id {hi} >= the tokenizer's vocabulary size {n}")
+                if lo >= 0:  # the common case: no negative ids to pass through
+                    return table[ids]
+            return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
+
     def __call__(self, input_ids: np.ndarray | torch.Tensor | list) -> np.ndarray | torch.Tensor:
         if isinstance(input_ids, torch.Tensor):
-            check_ids(input_ids, self.raw_vocab_size, "input_ids")
-            table = self.table_on(input_ids.device)
-            ids = input_ids.long()
-            # Negative ids (padding conventions) pass through, as in the reference.
-            return torch.where(ids >= 0, table[ids.clamp_min(0)], ids)
+            return self.compress(input_ids, check=True)
         arr = np.asarray(input_ids)
         check_ids(arr, self.raw_vocab_size, "input_ids")
         arr = arr.astype(np.int64, copy=False)

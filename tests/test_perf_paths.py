@@ -147,6 +147,20 @@ def test_hash_step_equals_compress_mask_hash_and_history(B, T):
         m.hash_step(torch.full((B, T), 97))
 
 
+def test_compress_few_ids_path_equals_gather_path():
+    ct = tiny_tokenizer()
+    ids = torch.tensor([[3, -5, 96, 0], [7, 8, -1, 50]])
+    few = ct.compress(ids)  # 8 ids: the Python-int path
+    many = ct.compress(ids.repeat(1, 8))[:, :4]  # 64 ids: the tensor gather
+    assert torch.equal(few, many) and torch.equal(few, ct(ids))
+    assert few.tolist() == [[1, -5, 48, 0], [3, 4, -1, 25]]
+    for bad in (torch.tensor([[1, 97]]), torch.full((2, 40), 97)):
+        with pytest.raises(ValueError, match="97"):
+            ct.compress(bad)
+    with pytest.raises(TypeError):
+        ct.compress(torch.zeros(2, 2))
+
+
 def test_fast_constants_survive_dtype_casts():
     """model.to(bfloat16) must not round the fast path's float64 constants."""
     m = mapping((646_400, 646_400))

@@ -410,6 +410,7 @@ class NgramHashMapping(nn.Module):
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         return self.hash_compressed(self.compress(input_ids), history, method)
 
+    @torch.compiler.disable  # Python-int hashing: compiled models (torch.compile) run it eagerly
     def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
                   token_mask: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """What a model forward needs: compress, hash and advance the history in one call.

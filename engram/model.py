@@ -257,14 +257,13 @@ class EngramGPT(nn.Module):
     def new_cache(self) -> GPTCache:
         return GPTCache(kv=[[] for _ in self.blocks])
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``(B, T, V)`` and mean cross-entropy (if ``targets``; -100 is ignored).
+    @torch.compiler.disable  # reads values back and hashes on Python ints: runs eagerly, outside a compiled graph
+    def _prepare(self, input_ids: torch.Tensor, cache: GPTCache | None, attention_mask: torch.Tensor | None,
+                 hash_ids: dict[int, torch.Tensor] | None) -> tuple[Any, Any, Any]:
+        """Check the ids, build the padding masks, hash; advance the cache's mask and n-gram history.
 
-        ``cache`` (from :meth:`new_cache`) makes this an incremental step: ``input_ids`` are the
-        new tokens after everything the cache has seen. ``attention_mask`` (B, S) marks real
-        tokens (left padding for batched prompts). ``hash_ids`` may be precomputed.
+        Returns ``(pad_mask (B, S) | None, new_mask (B, T) | None, hash_ids | None)``. One
+        function so that a compiled model (``model.compile()``) breaks its graph once here.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         if input_ids.numel():  # both bounds in one pass (one host sync on a device, not two)
@@ -294,6 +293,21 @@ class EngramGPT(nn.Module):
             hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, new_mask)
             if cache is not None:
                 cache.history = history  # (B, N-1)
+        return pad_mask, new_mask, hash_ids
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
+                hash_ids: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``(B, T, V)`` and mean cross-entropy (if ``targets``; -100 is ignored).
+
+        ``cache`` (from :meth:`new_cache`) makes this an incremental step: ``input_ids`` are the
+        new tokens after everything the cache has seen. ``attention_mask`` (B, S) marks real
+        tokens (left padding for batched prompts). ``hash_ids`` may be precomputed.
+        ``model.compile(dynamic=True)`` compiles everything after the id checks and the hash.
+        """
+        pad_mask, new_mask, hash_ids = self._prepare(input_ids, cache, attention_mask, hash_ids)
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
         if pad_mask is not None:
             # Left padding: positions count real tokens only, so a padded row matches its unpadded run.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,24 @@ def tiny_gpt(sparse: bool) -> EngramGPT:
     torch.manual_seed(0)
     return EngramGPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, engram=eng),
                      tiny_tokenizer())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_model_equals_eager_in_forward_and_cached_generate():
+    """``model.compile(dynamic=True)``: one graph break (id checks + hash), same logits and tokens."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_gpt(True).eval(), tiny_gpt(True).eval()
+    compiled.compile(dynamic=True)
+    x = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x)[0], eager(x)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.generate(x, 6, temperature=0), eager.generate(x, 6, temperature=0))
+    with pytest.raises(ValueError, match="vocabulary size"):  # checks still run eagerly
+        compiled(torch.full((1, 3), 97))
+    torch._dynamo.reset()
 
 
 def test_build_optimizer_uses_row_sparse_adam_for_sparse_tables_and_state_bytes():

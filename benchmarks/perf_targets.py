@@ -50,20 +50,29 @@ def bench_hash(tok, reps: int) -> dict:
             "speedup": med["numpy"] / med["engram"]}
 
 
-def gpt(tok, rows: int | None, sparse: bool | None = None) -> EngramGPT:
+def gpt(tok, rows: int | None, sparse: bool | None = None, width: int = 128) -> EngramGPT:
     eng = None
     if rows is not None:
         kw = {} if sparse is None else {"sparse_grad": sparse}
-        eng = EngramConfig(hidden_size=128, layer_ids=[1], n_embed_per_ngram=128, n_head_per_ngram=4,
+        eng = EngramConfig(hidden_size=width, layer_ids=[1], n_embed_per_ngram=128, n_head_per_ngram=4,
                            engram_vocab_size=[rows, rows], **kw)
     torch.manual_seed(0)
-    return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=128, block_size=256, engram=eng), tok)
+    return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=width, block_size=256, engram=eng), tok)
+
+
+def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1) -> dict:
+    """Greedy tokens/s after a 16-token prompt, batch 1, interleaved medians."""
+    prompt = torch.randint(0, 4096, (1, 16))
+    med = interleaved({"base": lambda: base.generate(prompt, new, temperature=0),
+                       "engram": lambda: eng.generate(prompt, new, temperature=0)}, reps, warmup=warmup)
+    return {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"], "ratio": med["base"] / med["engram"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--only", default="hash,table,overhead")
+    ap.add_argument("--only", default="hash,table,overhead",
+                    help="comma-separated sections: hash, table, overhead, decode_width, compiled")
     ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -102,13 +111,19 @@ def main() -> None:
         med = interleaved({"base": fwd(base), "engram": fwd(eng)}, args.reps)
         res["forward"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("forward", res["forward"], flush=True)
-        prompt = torch.randint(0, 4096, (1, 16))
-        new = 64
-        med = interleaved({"base": lambda: base.generate(prompt, new, temperature=0),
-                           "engram": lambda: eng.generate(prompt, new, temperature=0)}, args.reps)
-        res["decode"] = {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"],
-                         "ratio": med["base"] / med["engram"]}
+        res["decode"] = decode_ratio(base, eng, args.reps)
         print("decode", res["decode"], flush=True)
+    if "decode_width" in only:  # how the decode overhead scales with the backbone's width
+        for width in (128, 256, 512):
+            base, eng = gpt(tok, None, width=width).eval(), gpt(tok, 20000, sparse, width=width).eval()
+            res[f"decode_width_{width}"] = decode_ratio(base, eng, args.reps)
+            print(f"decode_width_{width}", res[f"decode_width_{width}"], flush=True)
+    if "compiled" in only:  # both models under model.compile(dynamic=True), after a warm-up
+        base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
+        for m in (base, eng):
+            m.compile(dynamic=True)
+        res["decode_compiled"] = decode_ratio(base, eng, args.reps, warmup=2)  # compiles in the warm-up
+        print("decode_compiled", res["decode_compiled"], flush=True)
     print(json.dumps(res, indent=1))
 
 

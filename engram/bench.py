@@ -11,7 +11,7 @@ Sections (shapes: B batch, T sequence length):
 - ``hashing``: compression + all heads (2 layers, (2,3)-grams x 8 heads, ids (8, 4096)),
   Mtok/s of the fast and plain torch paths against a plain NumPy implementation (bit-exact check).
 - ``lookup``: table gather GB/s (bytes of rows gathered) against this machine's memcpy GB/s.
-- ``table``: train step time at 1x, 10x, 100x table rows, sparse (SparseAdam) and dense (Adam).
+- ``table``: train step time at 1x, 10x, 100x table rows, sparse (RowSparseAdam: SparseAdam's update) and dense (Adam).
 - ``decode``: greedy decode tokens/s with a KV cache, Engram vs none.
 
 The package needs no data files: the tokenizer is a synthetic compressed table (4096 raw ids ->
@@ -87,7 +87,7 @@ def bench_gpt(rows: int | None, block_size: int = 256, sparse: bool = True, laye
 
 
 def train_step_fn(model: EngramGPT, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One optimizer step (``build_optimizer``: SparseAdam for sparse tables)."""
+    """One optimizer step (``build_optimizer``: RowSparseAdam for sparse tables)."""
     opts = build_optimizer(model, 1e-3)
 
     def step() -> None:

@@ -55,7 +55,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="zero: the value projection starts at 0, so the branch starts as a no-op (default %(default)s); "
                         "default: PyTorch's init, whose branch output at step 0 is ~25x the token embeddings")
     g.add_argument("--dense-tables", dest="sparse_tables", action="store_false", default=DEFAULTS["sparse_tables"],
-                   help="dense table gradients and Adam (default: sparse gradients and lazy SparseAdam, O(rows touched))")
+                   help="dense table gradients and Adam (default: sparse gradients and lazy Adam (RowSparseAdam), O(rows touched))")
 
 
 def add_optim_arguments(p: argparse.ArgumentParser) -> None:

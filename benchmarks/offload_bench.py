@@ -34,8 +34,7 @@ from engram.data import TokenBatcher, eval_batches
 from engram.hashing import NgramHashMapping
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, engram_modules, offload,
                             table_fingerprint, table_path)
-from engram.bench import interleaved
-from engram.optim import build_optimizer
+from engram.bench import interleaved, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -86,17 +85,11 @@ def train_study_model(tok, steps: int, seed: int = 0):
     torch.manual_seed(seed)
     model = EngramGPT(study_config(), tok)
     batcher = TokenBatcher(tokens[:split], batch_size=8, seq_len=128, seed=seed)
-    opts = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    train_step = make_train_step(model, lr=3e-3, weight_decay=0.0)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y = batcher.batch(step)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        for o in opts:
-            o.step()
+        loss = train_step(*batcher.batch(step))
         if step % 25 == 0:
             print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     return model, tokens[split:]

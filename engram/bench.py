@@ -86,18 +86,26 @@ def bench_gpt(rows: int | None, block_size: int = 256, sparse: bool = True, laye
     return EngramGPT(cfg, synthetic_tokenizer() if eng is not None else None)
 
 
-def train_step_fn(model: EngramGPT, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One optimizer step (``build_optimizer``: RowSparseAdam for sparse tables)."""
-    opts = build_optimizer(model, 1e-3)
+def make_train_step(model: EngramGPT, lr: float = 1e-3,
+                    weight_decay: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``step(x, y) -> loss``: one optimizer step (``build_optimizer``: RowSparseAdam for sparse tables)."""
+    opts = build_optimizer(model, lr, weight_decay)
 
-    def step() -> None:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for o in opts:
             o.zero_grad(set_to_none=True)
         _, loss = model(x, y)
         loss.backward()
         for o in opts:
             o.step()
+        return loss
     return step
+
+
+def train_step_fn(model: EngramGPT, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One optimizer step on the fixed batch ``(x, y)`` per call (for timing)."""
+    step = make_train_step(model)
+    return lambda: step(x, y)
 
 
 def forward_fn(model: EngramGPT, x: torch.Tensor) -> Callable[[], None]:

@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="hash,table,overhead",
-                    help="comma-separated sections: hash, table, overhead, decode_width, compiled")
+                    help="comma-separated sections: hash, table, overhead, optimizer, decode_width, compiled")
     ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -113,6 +113,25 @@ def main() -> None:
         print("forward", res["forward"], flush=True)
         res["decode"] = decode_ratio(base, eng, args.reps)
         print("decode", res["decode"], flush=True)
+    if "optimizer" in only:  # the table step alone: torch's SparseAdam vs RowSparseAdam (same update)
+        from engram.optim import RowSparseAdam
+
+        model = gpt(tok, 20000, True)
+        table = model.table_parameters()[0]
+        _, loss = model(x, y)
+        loss.backward()
+        grad = table.grad  # (rows, d) sparse, one study batch: 16 x 128 tokens x 8 heads
+        opts = {"SparseAdam": torch.optim.SparseAdam([table], lr=1e-3), "RowSparseAdam": RowSparseAdam([table], lr=1e-3)}
+
+        def opt_step(o):
+            def f():
+                table.grad = grad  # uncoalesced, as a backward leaves it
+                o.step()
+            return f
+        med = interleaved({k: opt_step(o) for k, o in opts.items()}, args.reps)
+        res["optimizer"] = {"rows": table.shape[0], "nnz": grad._nnz(), "width": table.shape[1],
+                            **{f"{k}_ms": v * 1e3 for k, v in med.items()}}
+        print("optimizer", res["optimizer"], flush=True)
     if "decode_width" in only:  # how the decode overhead scales with the backbone's width
         for width in (128, 256, 512):
             base, eng = gpt(tok, None, width=width).eval(), gpt(tok, 20000, sparse, width=width).eval()

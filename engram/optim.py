@@ -6,7 +6,7 @@ weight decay; dense parameters use AdamW (weight decay on matrices only).
 A step must cost what the touched rows cost (DESIGN.md §4). Tables built with
 ``EngramConfig(sparse_grad=True)`` give sparse row gradients, and :func:`build_optimizer` then
 uses :class:`RowSparseAdam`: ``torch.optim.SparseAdam``'s lazy Adam (only rows present in the
-gradient are read or written), same math and state, run as dense row ops (~5x faster on CPU). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
+gradient are read or written), same math and state, run as dense row ops (1.75x faster on CPU). On rows touched at every step it equals dense Adam; a row skipped at a step keeps its
 moments and value there, where dense Adam would decay the moments and still move the row by its
 momentum (tests/test_perf_paths.py pins both facts). One more convention differs: Adam adds
 ``eps`` after bias-correcting ``v``, SparseAdam before, which matters only for gradients near
@@ -29,8 +29,8 @@ class RowSparseAdam(torch.optim.SparseAdam):
     """``torch.optim.SparseAdam`` with the same update, state and hyper-parameters, in row ops.
 
     SparseAdam applies each moment update as a sparse tensor (``sparse_mask``, dense += sparse),
-    which costs ~14 ms per step for 16k touched rows of width 32 on a 2-core CPU (half of
-    Engram's training-step overhead in the study model). Here the touched rows are gathered
+    which costs 15 ms per step for 16k touched rows of width 32 on a 2-core CPU (over half of
+    Engram's training-step overhead in the study model; 8.6 ms here). Here the touched rows are gathered
     with ``index_select``, updated densely in the same order of operations and written back with
     ``index_add_`` (unique rows after coalescing, so each is one plain add): bit-identical to
     SparseAdam (tests/test_perf_paths.py), and its state dict loads into SparseAdam and back.

@@ -7,7 +7,8 @@ A step must cost what the touched rows cost (DESIGN.md §4). Tables built with
 ``EngramConfig(sparse_grad=True)`` give sparse row gradients, and :func:`build_optimizer` then
 uses :class:`RowSparseAdam`: ``torch.optim.SparseAdam``'s lazy Adam (only rows present in the
 gradient are read or written), same math and state, run as dense row ops (1.75x faster on CPU).
-On rows touched at every step it equals dense Adam; a row skipped at a step keeps its moments and value there, where dense Adam would decay the moments and still move the row by its
+On rows touched at every step it equals dense Adam; a row skipped at a step keeps its moments
+and value there, where dense Adam would decay the moments and still move the row by its
 momentum (tests/test_perf_paths.py pins both facts). One more convention differs: Adam adds
 ``eps`` after bias-correcting ``v``, SparseAdam before, which matters only for gradients near
 ``eps``. Dense-gradient tables keep ``torch.optim.Adam``.

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -148,7 +149,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = EngramCausalLMConfig
     base_model_prefix = "backbone"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False  # the Engram hooks need the step context at recompute time
+    # Activation checkpointing covers every decoder layer except those hosting Engram (see
+    # _set_gradient_checkpointing): their hooks need the forward's step context.
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -203,6 +206,21 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         for i in engram_cfg.layer_ids:
             layers[i].register_forward_pre_hook(partial(self._engram_hook, i), with_kwargs=True)
         self.post_init()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """Checkpoint the backbone's decoder layers as transformers does, except the Engram ones.
+
+        A checkpointed layer re-runs its forward during backward, after
+        :meth:`forward` has returned; the Engram pre-hook needs that forward's hash ids, so
+        the (few) layers hosting Engram keep their activations instead of being recomputed.
+        """
+        super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func,
+                                            every_n_layers=every_n_layers)
+        layers = self.family.decoder_layers(self.backbone)
+        for i in self.engram_config.layer_ids:
+            if hasattr(layers[i], "gradient_checkpointing"):
+                layers[i].gradient_checkpointing = False
 
     # ------------------------------------------------------------------ config plumbing (overridden by PhiEngram)
     @staticmethod

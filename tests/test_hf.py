@@ -6,6 +6,8 @@ to see a wrong decode state (the branch starts at exactly zero, which would hide
 
 from __future__ import annotations
 
+import copy
+
 import re
 import subprocess
 import sys
@@ -126,6 +128,29 @@ def test_training_moves_logits_and_lowers_loss(tok):
         after = model(ids).logits
     assert losses[-1] < losses[0]
     assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_activation_checkpointing_equals_plain_backward(family, tok):
+    """Checkpointed layers recompute in backward; Engram layers keep their activations."""
+    plain = randomise(EngramForCausalLM.from_base(tiny_base(family), tiny_engram(layer_ids=[1]), tok)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.activation_checkpointing_enable()
+    layers = ckpt.family.decoder_layers(ckpt.backbone)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True]
+    ids = torch.randint(2, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for model in (plain, ckpt):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    grads = [(a.grad, b.grad) for a, b in zip(plain.parameters(), ckpt.parameters()) if a.grad is not None]
+    assert len(grads) == sum(1 for p in plain.parameters() if p.requires_grad)
+    for a, b in grads:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ckpt.activation_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in layers)
 
 
 def test_freeze_backbone_trains_only_engram(tok):

@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="hash,table,overhead",
-                    help="comma-separated sections: hash, table, overhead, optimizer, decode_width, compiled")
+                    help="comma-separated sections: hash, table, overhead, train_fresh, optimizer, decode_width, compiled")
     ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -113,6 +113,26 @@ def main() -> None:
         print("forward", res["forward"], flush=True)
         res["decode"] = decode_ratio(base, eng, args.reps)
         print("decode", res["decode"], flush=True)
+    if "train_fresh" in only:  # one repeated batch (cache-hot table rows) vs a new batch every step
+        from engram.bench import make_train_step
+
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randint(0, 4096, (16, 128), generator=g), torch.randint(0, 4096, (16, 128), generator=g))
+                   for _ in range(64)]
+        steps = {"base": make_train_step(gpt(tok, None)), "engram": make_train_step(gpt(tok, 20000, sparse))}
+        calls = {"base": 0, "engram": 0}
+
+        def fresh(k):
+            def f():
+                calls[k] += 1
+                steps[k](*batches[calls[k] % len(batches)])
+            return f
+        med = interleaved({"base_fixed": lambda: steps["base"](x, y), "engram_fixed": lambda: steps["engram"](x, y),
+                           "base_fresh": fresh("base"), "engram_fresh": fresh("engram")}, args.reps)
+        res["train_fresh"] = {**{f"{k}_s": v for k, v in med.items()},
+                              "ratio_fixed": med["engram_fixed"] / med["base_fixed"],
+                              "ratio_fresh": med["engram_fresh"] / med["base_fresh"]}
+        print("train_fresh", res["train_fresh"], flush=True)
     if "optimizer" in only:  # the table step alone: torch's SparseAdam vs RowSparseAdam (same update)
         from engram.optim import RowSparseAdam
 

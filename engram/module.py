@@ -42,12 +42,16 @@ class EngramLayerState:
 _CONV_METHODS = ("taps", "conv")
 # Up to this many tokens a CPU step is dispatch-bound: the lean RMSNorm composite below is used.
 _SMALL_TOKENS = 64
-_CONSTS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+_CONSTS: dict[tuple[float, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A cached 0-d tensor on ``like``'s device and dtype (a Python float operand costs a tensor wrap per op)."""
-    key = (value, like.dtype, like.device)
+    """A cached 0-d tensor on ``like``'s device and dtype (a Python float operand costs a tensor wrap per op).
+
+    Keyed by inference mode too: a constant made under ``torch.inference_mode`` (``generate``)
+    is an inference tensor, which autograd refuses to save in a later training step.
+    """
+    key = (value, like.dtype, like.device, torch.is_inference_mode_enabled())
     c = _CONSTS.get(key)
     if c is None:
         c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)

@@ -412,6 +412,19 @@ def test_factored_gate_equals_normalise_then_dot_with_gradients(T, dtype):
         assert (a - b).abs().max() <= rel * b.abs().max(), (a - b).abs().max()
 
 
+def test_training_after_generate_works():
+    """Constants cached during an inference-mode generate must not leak into autograd."""
+    model = tiny_gpt(True)
+    x = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.generate(x[:, :4], 3, temperature=0)  # runs under torch.inference_mode
+    opts = build_optimizer(model, 1e-3)
+    _, loss = model(x, x)
+    loss.backward()
+    for o in opts:
+        o.step()
+    assert torch.isfinite(loss) and model.table_parameters()[0].grad is not None
+
+
 def test_factored_gate_half_precision_does_not_overflow():
     cfg = EngramConfig(hidden_size=64, layer_ids=[0], max_ngram_size=2, n_embed_per_ngram=16,
                        n_head_per_ngram=2, engram_vocab_size=[31])

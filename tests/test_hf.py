@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,25 @@ def test_activation_checkpointing_equals_plain_backward(family, tok):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     ckpt.activation_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_wrapper_equals_eager(tok):
+    """``model.compile(dynamic=True)`` on the wrapper: the hash runs eagerly, the rest compiles."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(layer_ids=[1]), tok))
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=True)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
+    torch._dynamo.reset()
 
 
 def test_freeze_backbone_trains_only_engram(tok):

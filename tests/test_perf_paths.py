@@ -412,6 +412,28 @@ def test_factored_gate_equals_normalise_then_dot_with_gradients(T, dtype):
         assert (a - b).abs().max() <= rel * b.abs().max(), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 2, 16), (4, 40, 2, 16)])  # the last: F.rms_norm path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_rms_norm_composite_equals_f_rms_norm_with_gradients(shape, dtype):
+    from engram.module import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 3).requires_grad_()
+    for weight in (None, torch.rand(16, generator=g, dtype=dtype).requires_grad_(),
+                   torch.rand(2, 16, generator=g, dtype=dtype).requires_grad_()):
+        if weight is not None and weight.dim() == 2 and shape[2] != 2:
+            continue
+        got = rms_norm(x, weight, 1e-5)
+        want = F.rms_norm(x, (16,), eps=1e-5) * (1 if weight is None else weight)
+        tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+        torch.testing.assert_close(got, want, **tol)
+        params = (x,) if weight is None else (x, weight)
+        grad = torch.randn(got.shape, generator=g, dtype=dtype)
+        for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad)):
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
 def test_training_after_generate_works():
     """Constants cached during an inference-mode generate must not leak into autograd."""
     model = tiny_gpt(True)

@@ -412,28 +412,38 @@ class NgramHashMapping(nn.Module):
 
     @torch.compiler.disable  # Python-int hashing: compiled models (torch.compile) run it eagerly
     def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
-                  token_mask: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                  token_mask: torch.Tensor | None = None,
+                  keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """What a model forward needs: compress, hash and advance the history in one call.
 
         Args:
             input_ids: raw ids ``(B, T)``.
-            history: compressed ids ``(B, N-1)`` before them, or ``None`` at the start of a sequence.
+            history: compressed ids ``(B, >= N-1)`` before them (the last N-1 are used), or
+                ``None`` at the start of a sequence.
             token_mask: ``(B, T)`` bool, False at padding (padding reads as the pad id, the
                 history a sequence starts with).
+            keep_history: return the whole history plus the new ids ``(B, L+T)`` instead of the
+                last N-1 (a cache recording its past so it can be cropped back).
 
-        Returns ``({layer_id: (B, T, H)}, next history (B, N-1))``. A few CPU tokens (a decode
-        step) take one Python-int pass instead of ~10 small tensor ops; the result is the same.
+        Returns ``({layer_id: (B, T, H)}, next history)``. A few CPU tokens (a decode step)
+        take one Python-int pass instead of ~10 small tensor ops; the result is the same.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
-            return self._step_scalar(input_ids, history, token_mask)
+            return self._step_scalar(input_ids, history, token_mask, keep_history)
         comp = self.compress(input_ids)  # (B, T)
         if token_mask is not None:
             comp = torch.where(token_mask.to(comp.device), comp, self.pad_id)
-        return self.hash_compressed(comp, history), self.next_history(history, comp)
+        h = self.history_len
+        recent = history if history is None or history.shape[1] == h else history[:, history.shape[1] - h :]
+        hashed = self.hash_compressed(comp, recent)
+        if keep_history:
+            start = history if history is not None else self.initial_history(comp.shape[0], comp.device)
+            return hashed, torch.cat([start.to(comp.device), comp], dim=1)  # (B, L+T)
+        return hashed, self.next_history(recent, comp)
 
-    def _step_scalar(self, input_ids: torch.Tensor, history: torch.Tensor | None,
-                     token_mask: torch.Tensor | None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def _step_scalar(self, input_ids: torch.Tensor, history: torch.Tensor | None, token_mask: torch.Tensor | None,
+                     keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """:meth:`hash_step` for a few CPU tokens, on Python ints."""
         B, T = input_ids.shape
         h, pad, table, n = self.history_len, self.pad_id, self.compressed.table_list, self.compressed.raw_vocab_size
@@ -448,9 +458,12 @@ class NgramHashMapping(nn.Module):
             comp = [table[v] if v >= 0 else v for v in ids[b]]  # negative ids pass through, as in compress
             if keep is not None:
                 comp = [c if k else pad for c, k in zip(comp, keep[b])]
-            full.append(past[b] + comp)  # N-1+T
-        nxt = torch.tensor([row[len(row) - h :] for row in full], dtype=torch.long)  # (B, N-1)
-        return self._hash_lists(full, B, T), nxt
+            full.append(past[b] + comp)  # L+T, L >= N-1
+        cut = len(full[0]) - T - h if full else 0  # rows before the N-1 ids the hash reads
+        hashed = self._hash_lists([row[cut:] for row in full] if cut else full, B, T)
+        rows = full if keep_history else [row[len(row) - h :] for row in full]
+        nxt = torch.tensor(rows, dtype=torch.long).view(B, len(rows[0]) if rows else h)  # (B, N-1) or (B, L+T)
+        return hashed, nxt
 
     def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor) -> torch.Tensor:
         """History after appending compressed ids ``(B, T)``: the last N-1 ids."""

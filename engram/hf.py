@@ -344,6 +344,20 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.backbone.get_output_embeddings()
 
+    def _engram_cache(self, cache: Cache) -> EngramCacheLayer:
+        """The Engram entry of a transformers ``Cache`` (appended on first use)."""
+        cfg = self.engram_config
+        return engram_cache_layer(cache, self.num_decoder_layers, cfg.max_ngram_size - 1, cfg.conv_state_len)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        # Add the Engram entry as soon as generate makes the cache, before the prefill: assisted
+        # decoding then asks every layer to record its past (activate_past_recording), ours included.
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, Cache):
+            self._engram_cache(cache)
+        return out
+
     # ------------------------------------------------------------------ forward
     def _engram_hook(self, layer_id: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         step = self._step
@@ -396,7 +410,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = getattr(self._text_config(self.config), "use_cache", True)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.get_text_config(decoder=True))
-        cache = engram_cache_layer(past_key_values, self.num_decoder_layers) if past_key_values is not None else None
+        cache = self._engram_cache(past_key_values) if past_key_values is not None else None
         past = cache.seen if cache is not None else 0
 
         token_mask = None
@@ -411,7 +425,8 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
 
         # {layer: (B, T, H)}; padding reads as the pad history a sequence starts with
-        hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, token_mask)
+        hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, token_mask,
+                                                   keep_history=cache is not None and cache.record_past)
         if cache is not None:
             cache.history = history  # (B, N-1)
             cache.seen = past + T

@@ -28,10 +28,13 @@ class EngramLayerState:
     """Decode state of one Engram layer: the last W normalised conv inputs ``(B, W, M*D)``.
 
     The caller owns it (a cache) and passes it to every forward of one sequence batch; the module
-    reads it as left context and replaces ``conv`` with the updated tail.
+    reads the last W rows as left context and replaces ``conv`` with the updated tail. With
+    ``keep`` set (a cache recording its past for a later ``crop``, as assisted decoding does)
+    every new row is appended instead, so ``conv`` is ``(B, >= W, M*D)`` until the cache trims it.
     """
 
     conv: torch.Tensor | None = None
+    keep: bool = False
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search)."""
@@ -113,14 +116,19 @@ class ShortConv(nn.Module):
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
         xn = xn.reshape(B, T, M * D)  # (B, T, C)
         W = self.state_len
-        if state is not None and state.conv is not None:
-            past = state.conv.to(xn.dtype)  # (B, W, C)
+        stored = state.conv if state is not None else None  # (B, >= W, C) or None
+        if stored is not None:
+            past = stored if stored.shape[1] == W else stored[:, stored.shape[1] - W :]  # (B, W, C)
+            past = past if past.dtype == xn.dtype else past.to(xn.dtype)
         else:
             past = xn.new_zeros(B, W, M * D)  # zero padding == the conv's causal padding
         full = torch.cat([past, xn], dim=1)  # (B, W+T, C)
         if state is not None:
-            tail = full[:, T:]  # (B, W, C)
-            state.conv = tail.detach() if tail.requires_grad else tail
+            if not state.keep:
+                new = full[:, T:]  # (B, W, C)
+            else:  # recording: keep every row until the cache crops or trims
+                new = full if stored is None else torch.cat([stored.to(xn.dtype), xn], dim=1)
+            state.conv = new.detach() if new.requires_grad else new
         w = self.conv.weight.view(M * D, self.kernel_size)  # (C, K)
         d = self.dilation
         if self.method == "taps" and T == 1:

@@ -173,6 +173,47 @@ def test_compiled_wrapper_equals_eager(tok):
     torch._dynamo.reset()
 
 
+def test_assisted_decoding_equals_greedy_and_crops_the_engram_cache(tok, monkeypatch):
+    """Prompt lookup and a draft model propose tokens; rejected ones are cropped from the cache
+    (Engram history and conv rows included), so the output equals plain greedy decoding."""
+    from engram.hf_cache import EngramCacheLayer
+
+    model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(layer_ids=[1]), tok))
+    g = torch.Generator().manual_seed(5)
+    pattern = torch.randint(2, V, (1, 6), generator=g)
+    ids = torch.cat([pattern, pattern, pattern[:, :3]], 1)  # repeats, so prompt lookup proposes
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=1)
+    ref = model.generate(ids, **kw)
+    crops: list[int] = []
+    real_crop = EngramCacheLayer.crop
+    monkeypatch.setattr(EngramCacheLayer, "crop", lambda self, k: (crops.append(k), real_crop(self, k))[1])
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=4, **kw), ref)
+    torch.manual_seed(0)
+    draft = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                                        bos_token_id=None, eos_token_id=0, pad_token_id=1)).eval()
+    assert torch.equal(model.generate(ids, assistant_model=draft, **kw), ref)
+    assert any(k < 0 for k in crops)  # tokens really were rolled back
+
+
+def test_engram_cache_crop_limits():
+    from engram.hf_cache import EngramCacheLayer
+    from engram.module import EngramLayerState
+
+    layer = EngramCacheLayer(history_len=2, conv_len=3)
+    layer.history, layer.seen = torch.arange(4).view(1, 4), 10
+    layer.layers[1] = EngramLayerState(conv=torch.zeros(1, 5, 2))
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(3)
+    with pytest.raises(ValueError, match="only 2 were recorded"):
+        layer.crop(-3)
+    layer.crop(-1)  # drop one token, then trim to what the next token reads
+    assert layer.history.tolist() == [[1, 2]] and layer.layers[1].conv.shape == (1, 3, 2) and layer.seen == 9
+    layer.activate_past_recording()
+    assert layer.layers[1].keep and layer.layer(2).keep
+    layer.record_past = False  # as generation resets it
+    assert not layer.layers[1].keep and not layer.layers[2].keep
+
+
 def test_freeze_backbone_trains_only_engram(tok):
     model = EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok).freeze_backbone()
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}

@@ -163,6 +163,9 @@ class NgramHashMapping(nn.Module):
         config: the Engram config (``layer_ids``, ``max_ngram_size``, heads, table sizes, seed).
         tokenizer: a HF tokenizer or an already built :class:`CompressedTokenizer`.
         layer_ids: overrides ``config.layer_ids``.
+        multiplier_vocab: the compressed vocabulary size the multipliers are drawn for (default:
+            this tokenizer's). A vocabulary grown after training (added tokens) keeps the
+            original size here, so every existing n-gram keeps its rows.
 
     Attributes:
         compressed: the :class:`CompressedTokenizer`.
@@ -174,7 +177,8 @@ class NgramHashMapping(nn.Module):
     it has no parameters and its buffers are not saved in state dicts.
     """
 
-    def __init__(self, config: EngramConfig, tokenizer: Any, layer_ids: list[int] | None = None):
+    def __init__(self, config: EngramConfig, tokenizer: Any, layer_ids: list[int] | None = None,
+                 multiplier_vocab: int | None = None):
         super().__init__()
         self.config = config
         self.layer_ids = list(config.layer_ids if layer_ids is None else layer_ids)
@@ -190,8 +194,12 @@ class NgramHashMapping(nn.Module):
         self.raw_pad_id = raw_pad
         self.pad_id = int(self.compressed.lookup_table[raw_pad])
         n_comp = len(self.compressed)
+        if multiplier_vocab is not None and not 1 <= int(multiplier_vocab) <= n_comp:
+            raise ValueError(f"multiplier_vocab={multiplier_vocab} must be in 1..{n_comp} (the compressed vocabulary)")
+        self.multiplier_vocab = n_comp if multiplier_vocab is None else int(multiplier_vocab)
         self.multipliers = {
-            lid: layer_multipliers(config.seed, lid, config.max_ngram_size, n_comp) for lid in self.layer_ids
+            lid: layer_multipliers(config.seed, lid, config.max_ngram_size, self.multiplier_vocab)
+            for lid in self.layer_ids
         }
         self.table_sizes = head_table_sizes(config, self.layer_ids)
         # (L, N) multipliers and (L, H) primes, in layer order.
@@ -478,4 +486,5 @@ class NgramHashMapping(nn.Module):
             "raw_pad_id": self.raw_pad_id,
             "multipliers": {str(k): v for k, v in self.multipliers.items()},
             "table_sizes": {str(k): v for k, v in self.table_sizes.items()},
+            "multiplier_vocab": self.multiplier_vocab,
         }

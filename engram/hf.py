@@ -103,7 +103,7 @@ def build_hashing(engram_config: EngramConfig, saved: dict | None, tokenizer: An
                 )
         cfg = engram_config.replace(pad_id=int(saved["raw_pad_id"]))
         with torch.device("cpu"):  # never on meta: the hashing constants are not weights
-            mapping = NgramHashMapping(cfg, compressed)
+            mapping = NgramHashMapping(cfg, compressed, multiplier_vocab=saved.get("multiplier_vocab"))
         for what in ("multipliers", "table_sizes"):
             now = {str(k): v for k, v in getattr(mapping, what).items()}
             if now != saved[what]:
@@ -344,6 +344,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.backbone.get_output_embeddings()
 
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
     def _engram_cache(self, cache: Cache) -> EngramCacheLayer:
         """The Engram entry of a transformers ``Cache`` (appended on first use)."""
         cfg = self.engram_config
@@ -357,6 +360,48 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(cache, Cache):
             self._engram_cache(cache)
         return out
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True, tokenizer: Any = None) -> nn.Embedding:
+        """The backbone's ``resize_token_embeddings``, then the compression table grown to match.
+
+        Existing ids keep their canonical ids and the multipliers keep the original compressed
+        vocabulary size, so every n-gram of old tokens keeps its rows (and the model its
+        outputs on them). New ids get canonical ids from ``tokenizer`` (the resized tokenizer:
+        new tokens fold with existing ones exactly as a fresh build would) or, without one, one
+        new canonical id each. A tokenizer that compresses the existing ids differently is a
+        ``ValueError``. Shrinking leaves the table as it is.
+        """
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        n_new, old = embeddings.num_embeddings, self.hashing.compressed
+        n_old = old.raw_vocab_size
+        if tokenizer is not None:
+            given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
+            table = given.lookup_table
+            if table.shape[0] < n_old or not np.array_equal(table[:n_old], old.lookup_table):
+                raise ValueError(
+                    "the tokenizer compresses the model's existing ids differently from its table; "
+                    "pass the model's own tokenizer with the new tokens added"
+                )
+            if table.shape[0] > n_new:
+                raise ValueError(f"the tokenizer has {table.shape[0]} ids but the embeddings now have {n_new}")
+        else:
+            table = old.lookup_table
+        if n_new > table.shape[0]:  # ids beyond the tokenizer (or all new ids): one canonical id each
+            start = int(table.max()) + 1
+            table = np.concatenate([table, np.arange(start, start + n_new - table.shape[0], dtype=np.int64)])
+        if table.shape[0] == n_old:
+            return embeddings
+        cfg = self.engram_config
+        if cfg.tokenizer_vocab_size is not None:
+            cfg = cfg.replace(tokenizer_vocab_size=int(table.shape[0]))
+        with torch.device("cpu"):
+            hashing = NgramHashMapping(cfg.replace(pad_id=self.hashing.raw_pad_id), CompressedTokenizer(lookup_table=table),
+                                       multiplier_vocab=self.hashing.multiplier_vocab)
+        object.__setattr__(self, "hashing", hashing)
+        self.engram_config = cfg
+        self._store_engram(self.config, cfg, hashing.state_dict_extra())
+        return embeddings
 
     # ------------------------------------------------------------------ forward
     def _engram_hook(self, layer_id: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -334,6 +334,40 @@ def test_save_load_auto_identical_logits(tok, tmp_path):
     assert loaded.hashing.compressed.fingerprint() == CompressedTokenizer(tok).fingerprint()
 
 
+def test_resize_token_embeddings_keeps_old_ngrams_and_grows_the_table(tok, tmp_path):
+    model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits  # (B, T, V)
+    old_rows = model.hashing.hash(ids)
+    grown = copy.deepcopy(tok)
+    grown.add_tokens(["<tool_call>", "<observation>"])
+    model.resize_token_embeddings(len(grown), tokenizer=grown)
+    assert model.hashing.compressed.raw_vocab_size == len(grown) == V + 2
+    assert model.hashing.multiplier_vocab == len(CompressedTokenizer(tok))  # multipliers unchanged
+    new_rows = model.hashing.hash(ids)
+    assert all(torch.equal(old_rows[k], new_rows[k]) for k in old_rows)  # every old n-gram keeps its rows
+    with torch.no_grad():
+        after = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(after[..., :V], before, rtol=0, atol=0)
+        with_new = torch.cat([ids, torch.tensor([[V], [V + 1], [V]])], 1)
+        out = model(with_new, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)).logits
+    assert out.shape[-1] == V + 2 and torch.isfinite(out).all()
+    # the new tokens are distinct canonical ids: their n-gram rows differ
+    a, b = model.hashing.hash(torch.tensor([[5, V]])), model.hashing.hash(torch.tensor([[5, V + 1]]))
+    assert not torch.equal(a[0][:, 1], b[0][:, 1])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(with_new).logits, model(with_new).logits, rtol=0, atol=0)
+    AutoModelForCausalLM.from_pretrained(tmp_path, tokenizer=grown)  # the grown tokenizer matches
+    # without a tokenizer each further id gets its own canonical id; a foreign tokenizer is refused
+    model.resize_token_embeddings(V + 5)
+    assert len(model.hashing.compressed) == len(CompressedTokenizer(grown)) + 3
+    with pytest.raises(ValueError, match="differently"):
+        model.resize_token_embeddings(V + 9000, tokenizer=_other_tokenizer())
+
+
 def test_load_after_import_engram_in_fresh_process(tok, tmp_path):
     model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
     ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(5))

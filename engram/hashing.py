@@ -33,7 +33,7 @@ _FAST_SUM_LIMIT = 2**50
 # Chunk widths (top chunk first) tried in order. The lowest chunk is added as is (its factor
 # 2**0 mod p is 1), so it can be wide; every other chunk costs one pass over (B, T, H).
 _CHUNK_WIDTHS = ((20, 44), (12, 12, 40))
-# Elements per CPU op in the fast path: cache-resident pieces, run on one thread (see _hash_fast).
+# Elements per CPU op in the fast path: cache-resident pieces, run on one thread (see residues).
 _CPU_CHUNK_ELEMENTS = 131072
 # Below this many tokens (decode steps) the plain path, with fewer ops, is faster.
 _FAST_MIN_TOKENS = 512
@@ -257,11 +257,11 @@ class NgramHashMapping(nn.Module):
             method = "plain"  # primes too big for the float split
         if method == "scalar":
             return self._hash_scalar(full, B, T)
-        rows = self._hash_rows(full, B, T, self._hash_fast if method == "fast" else self._hash_plain)  # (L, B, T, O, K)
+        rows = self._hash_rows(full, B, T, method)  # (L, B, T, O, K)
         return {lid: rows[i].reshape(B, T, self.config.n_heads_total) for i, lid in enumerate(self.layer_ids)}  # (B, T, H)
 
-    def _hash_rows(self, full: torch.Tensor, B: int, T: int, path) -> torch.Tensor:
-        """Run a tensor path over ``full`` (B, N-1+T), split along time over CPU threads when large.
+    def _hash_rows(self, full: torch.Tensor, B: int, T: int, method: str) -> torch.Tensor:
+        """:meth:`_hash_tensor` over ``full`` (B, N-1+T), split along time over CPU threads when large.
 
         Slice ``[s, e)`` of the output needs ``full[:, s : e+N-1]`` (its own N-1 ids of history),
         so the slices are independent and their concatenation is the unsplit result.
@@ -269,13 +269,13 @@ class NgramHashMapping(nn.Module):
         workers = torch.get_num_threads() if full.device.type == "cpu" else 1
         if workers < 2 or B * T < _PARALLEL_MIN_TOKENS:
             with single_thread(full.device):  # also keeps MKL's bmm from waking threads for small inputs
-                return path(full, B, T)
+                return self._hash_tensor(full, B, T, method)
         h = self.history_len
         cuts = [T * i // workers for i in range(workers + 1)]
 
         def run(i: int) -> torch.Tensor:
             s, e = cuts[i], cuts[i + 1]
-            return path(full[:, s : e + h], B, e - s)  # (L, B, e-s, O, K), on a single-threaded worker
+            return self._hash_tensor(full[:, s : e + h], B, e - s, method)  # (L, B, e-s, O, K), single-threaded worker
 
         return torch.cat(list(pool(workers).map(run, range(workers))), dim=2)  # (L, B, T, O, K)
 
@@ -352,15 +352,10 @@ class NgramHashMapping(nn.Module):
             mixes.append(mix)
         return torch.stack(mixes, dim=-1)  # (L, B, T, O)
 
-    def _hash_plain(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Plain path -> rows ``(L, B, T, O, K)``."""
-        return self.residues(self._mixes(full, T).view(len(self.layer_ids), B * T, self.config.n_orders), "plain").view(
-            len(self.layer_ids), B, T, self.config.n_orders, self.config.n_head_per_ngram)
-
-    def _hash_fast(self, full: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """Fast path -> rows ``(L, B, T, O, K)`` (see :func:`split_plan`)."""
-        return self.residues(self._mixes(full, T).view(len(self.layer_ids), B * T, self.config.n_orders), "fast").view(
-            len(self.layer_ids), B, T, self.config.n_orders, self.config.n_head_per_ngram)
+    def _hash_tensor(self, full: torch.Tensor, B: int, T: int, method: str) -> torch.Tensor:
+        """Tensor path (``"plain"`` or ``"fast"``, see :meth:`residues`) -> rows ``(L, B, T, O, K)``."""
+        L, O = len(self.layer_ids), self.config.n_orders
+        return self.residues(self._mixes(full, T).view(L, B * T, O), method).view(L, B, T, O, self.config.n_head_per_ngram)
 
     def residues(self, mixes: torch.Tensor, method: str = "fast") -> torch.Tensor:
         """``mix mod p`` for every head: mixes ``(L, n, O)`` int64 -> rows ``(L, n, O, K)``, non-negative.

@@ -449,19 +449,14 @@ class NgramHashMapping(nn.Module):
                      keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """:meth:`hash_step` for a few CPU tokens, on Python ints."""
         B, T = input_ids.shape
-        h, pad, table, n = self.history_len, self.pad_id, self.compressed.table_list, self.compressed.raw_vocab_size
-        ids = input_ids.tolist()
-        top = max((max(r) for r in ids if r), default=-1)
-        if top >= n:
-            raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
+        h, pad = self.history_len, self.pad_id
+        comp = self.compressed.compress_rows(input_ids.tolist())  # B x T
         past = history.tolist() if history is not None else [[pad] * h] * B
         keep = token_mask.tolist() if token_mask is not None else None
         full = []
         for b in range(B):
-            comp = [table[v] if v >= 0 else v for v in ids[b]]  # negative ids pass through, as in compress
-            if keep is not None:
-                comp = [c if k else pad for c, k in zip(comp, keep[b])]
-            full.append(past[b] + comp)  # L+T, L >= N-1
+            row = comp[b] if keep is None else [c if k else pad for c, k in zip(comp[b], keep[b])]
+            full.append(past[b] + row)  # L+T, L >= N-1
         cut = len(full[0]) - T - h if full else 0  # rows before the N-1 ids the hash reads
         hashed = self._hash_lists([row[cut:] for row in full] if cut else full, B, T)
         rows = full if keep_history else [row[len(row) - h :] for row in full]

@@ -134,6 +134,14 @@ class CompressedTokenizer:
             self._table_list = self.lookup_table.tolist()
         return self._table_list
 
+    def compress_rows(self, rows: list[list[int]]) -> list[list[int]]:
+        """:meth:`compress` on Python ints (a decode step's few ids), with the same range check."""
+        n, table = self.raw_vocab_size, self.table_list
+        top = max((max(r) for r in rows if r), default=-1)
+        if top >= n:
+            raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
+        return [[table[v] if v >= 0 else v for v in r] for r in rows]  # negative ids pass through
+
     def compress(self, input_ids: torch.Tensor, check: bool = False) -> torch.Tensor:
         """Raw ids (integer tensor, any shape and device) -> canonical ids, same shape and device.
 
@@ -145,12 +153,8 @@ class CompressedTokenizer:
         check_ids(input_ids, None, "input_ids")
         n = self.raw_vocab_size
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_IDS:
-            vals = input_ids.reshape(-1).tolist()
-            top = max(vals, default=-1)
-            if top >= n:
-                raise ValueError(f"input_ids has id {top} >= the tokenizer's vocabulary size {n}")
-            table = self.table_list
-            return torch.tensor([table[v] if v >= 0 else v for v in vals], dtype=torch.long).view(input_ids.shape)
+            (vals,) = self.compress_rows([input_ids.reshape(-1).tolist()])
+            return torch.tensor(vals, dtype=torch.long).view(input_ids.shape)
         table = self.table_on(input_ids.device)
         ids = input_ids.long()
         # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.

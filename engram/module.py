@@ -116,18 +116,17 @@ class ShortConv(nn.Module):
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
         xn = xn.reshape(B, T, M * D)  # (B, T, C)
         W = self.state_len
-        stored = state.conv if state is not None else None  # (B, >= W, C) or None
-        if stored is not None:
-            past = stored if stored.shape[1] == W else stored[:, stored.shape[1] - W :]  # (B, W, C)
-            past = past if past.dtype == xn.dtype else past.to(xn.dtype)
+        if state is not None and state.conv is not None:
+            past = state.conv if state.conv.dtype == xn.dtype else state.conv.to(xn.dtype)  # (B, >= W, C)
         else:
             past = xn.new_zeros(B, W, M * D)  # zero padding == the conv's causal padding
-        full = torch.cat([past, xn], dim=1)  # (B, W+T, C)
+        keep = state is not None and state.keep  # recording: keep every row until the cache crops
+        if not keep and past.shape[1] != W:
+            past = past[:, past.shape[1] - W :]  # (B, W, C)
+        rows = torch.cat([past, xn], dim=1)  # (B, >= W+T, C)
+        full = rows if rows.shape[1] == W + T else rows[:, rows.shape[1] - W - T :]  # (B, W+T, C)
         if state is not None:
-            if not state.keep:
-                new = full[:, T:]  # (B, W, C)
-            else:  # recording: keep every row until the cache crops or trims
-                new = full if stored is None else torch.cat([stored.to(xn.dtype), xn], dim=1)
+            new = rows if keep else full[:, T:]  # (B, >= W, C)
             state.conv = new.detach() if new.requires_grad else new
         w = self.conv.weight.view(M * D, self.kernel_size)  # (C, K)
         d = self.dilation

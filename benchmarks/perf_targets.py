@@ -25,7 +25,8 @@ from numpy_hash import numpy_hash_from_mapping  # noqa: E402
 from engram import EngramConfig  # noqa: E402
 from engram.hashing import NgramHashMapping  # noqa: E402
 from engram.model import EngramGPT, GPTConfig  # noqa: E402
-from engram.bench import interleaved, train_step_fn  # noqa: E402
+from engram.bench import (decode_seconds, forward_fn, interleaved, make_train_step,  # noqa: E402
+                          train_step_fn)
 
 SHARED = Path(os.environ.get("ENGRAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
@@ -63,8 +64,7 @@ def gpt(tok, rows: int | None, sparse: bool | None = None, width: int = 128) -> 
 def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1) -> dict:
     """Greedy tokens/s after a 16-token prompt, batch 1, interleaved medians."""
     prompt = torch.randint(0, 4096, (1, 16))
-    med = interleaved({"base": lambda: base.generate(prompt, new, temperature=0),
-                       "engram": lambda: eng.generate(prompt, new, temperature=0)}, reps, warmup=warmup)
+    med = decode_seconds({"base": base, "engram": eng}, prompt, new, reps, warmup)
     return {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"], "ratio": med["base"] / med["engram"]}
 
 
@@ -101,21 +101,13 @@ def main() -> None:
         med = interleaved({"base": train_step_fn(base, x, y), "engram": train_step_fn(eng, x, y)}, args.reps)
         res["train_step"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("train_step", res["train_step"], flush=True)
-
-        def fwd(m):
-            def f():
-                with torch.no_grad():
-                    m(x)
-            return f
         base.eval(), eng.eval()
-        med = interleaved({"base": fwd(base), "engram": fwd(eng)}, args.reps)
+        med = interleaved({"base": forward_fn(base, x), "engram": forward_fn(eng, x)}, args.reps)
         res["forward"] = {"base_s": med["base"], "engram_s": med["engram"], "ratio": med["engram"] / med["base"]}
         print("forward", res["forward"], flush=True)
         res["decode"] = decode_ratio(base, eng, args.reps)
         print("decode", res["decode"], flush=True)
     if "train_fresh" in only:  # one repeated batch (cache-hot table rows) vs a new batch every step
-        from engram.bench import make_train_step
-
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randint(0, 4096, (16, 128), generator=g), torch.randint(0, 4096, (16, 128), generator=g))
                    for _ in range(64)]

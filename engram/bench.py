@@ -216,13 +216,19 @@ def bench_table(base_rows: int, mults: list[int], shape: tuple[int, int], reps: 
     return out
 
 
+def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_tokens: int, reps: int,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median seconds of greedy ``generate`` (KV cache) for each model, interleaved."""
+    return interleaved({k: (lambda m=m: m.generate(prompt, new_tokens, temperature=0)) for k, m in models.items()},
+                       reps, warmup=warmup)
+
+
 def bench_decode(new_tokens: int, reps: int, rows: int) -> dict[str, Any]:
     """Greedy decode tokens/s (B=1, 16-token prompt, KV cache), Engram vs none."""
     base, eng = bench_gpt(None), bench_gpt(rows)
     base.eval(), eng.eval()
     prompt = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
-    med = interleaved({"base": lambda: base.generate(prompt, new_tokens, temperature=0),
-                       "engram": lambda: eng.generate(prompt, new_tokens, temperature=0)}, reps)
+    med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps)
     return {"new_tokens": new_tokens, "tok_s": {k: new_tokens / v for k, v in med.items()},
             "engram_vs_base": med["base"] / med["engram"]}
 

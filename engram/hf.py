@@ -396,7 +396,8 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if cfg.tokenizer_vocab_size is not None:
             cfg = cfg.replace(tokenizer_vocab_size=int(table.shape[0]))
         with torch.device("cpu"):
-            hashing = NgramHashMapping(cfg.replace(pad_id=self.hashing.raw_pad_id), CompressedTokenizer(lookup_table=table),
+            # cfg.pad_id is already the resolved raw id (build_hashing), so the pad keeps its id
+            hashing = NgramHashMapping(cfg, CompressedTokenizer(lookup_table=table),
                                        multiplier_vocab=self.hashing.multiplier_vocab)
         object.__setattr__(self, "hashing", hashing)
         self.engram_config = cfg

@@ -31,10 +31,11 @@ class RowSparseAdam(torch.optim.SparseAdam):
 
     SparseAdam applies each moment update as a sparse tensor (``sparse_mask``, dense += sparse),
     which costs 15 ms per step for 16k touched rows of width 32 on a 2-core CPU (over half of
-    Engram's training-step overhead in the study model; 8.6 ms here). Here the touched rows are gathered
-    with ``index_select``, updated densely in the same order of operations and written back with
-    ``index_add_`` (unique rows after coalescing, so each is one plain add): bit-identical to
-    SparseAdam (tests/test_perf_paths.py), and its state dict loads into SparseAdam and back.
+    Engram's training-step overhead in the study model). Here the touched rows are gathered with
+    ``index_select``, updated densely in the same order of operations and written back with
+    ``index_add_`` (unique rows after coalescing, so each is one plain add): 8.6 ms for the same
+    step, bit-identical to SparseAdam (tests/test_perf_paths.py), and its state dict loads into
+    SparseAdam and back.
     Parameters must get row-sparse gradients (``sparse_dim() == 1``: ``nn.Embedding(sparse=True)``).
     """
 
@@ -79,7 +80,6 @@ class RowSparseAdam(torch.optim.SparseAdam):
                 step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 p.index_add_(0, rows, -step_size * numer.div_(denom))
         return loss
-
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:

@@ -5,8 +5,8 @@ Shapes: B batch, T time, H heads per layer, d row width.
 Engram addresses depend on token ids only, so the rows a layer will need are known before the
 forward pass reaches it. A :class:`Prefetcher` wraps the model's hashing
 (``NgramHashMapping.hash_step``, which ``EngramGPT.forward`` and ``EngramForCausalLM.forward``
-call once per prefill and once per decode step) and, the moment the hash ids exist, queues one gather per offloaded
-Engram layer, in layer order, on a background worker:
+call once per prefill and once per decode step) and, the moment the hash ids exist, queues one
+gather per offloaded Engram layer, in layer order, on a background worker:
 
 - CPU: a single worker thread (torch releases the GIL in gathers and page faults), so the rows
   of layer L are read while layers < L compute.

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from engram.hashing import NgramHashMapping
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, engram_modules, offload,
                             table_fingerprint, table_path)
 from engram.bench import interleaved, make_train_step
+from engram.training import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -253,7 +253,7 @@ def cmd_bigfile(args) -> None:
             "table_rows": mem.num_rows, "rows_written": int(rows.numel()), "create_s": round(create_s, 3),
             "decode_tokens": args.tokens, "reps": args.reps,
             "tokens_per_s": {k: round(args.tokens / v, 1) for k, v in med.items()},
-            "generate_ok": list(gen.shape), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "generate_ok": list(gen.shape), "peak_rss_mib": round(peak_rss_bytes() / 2**20),
             "machine": "2-core CPU, shared; no GPU",
         })
     finally:

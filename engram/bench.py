@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from .hashing import NgramHashMapping
 from .model import EngramGPT, GPTConfig
 from .optim import build_optimizer
 from .tokenizer import CompressedTokenizer
+from .training import peak_rss_bytes
 
 VOCAB = 4096
 
@@ -251,22 +251,9 @@ def _rss_child(spec_json: str) -> None:
         step = train_step_fn(model, x, x)
         step()
         step()
-    print(peak_rss_mib())
+    print(peak_rss_bytes() / 2**20)  # MiB
 
 
-def peak_rss_mib() -> float:
-    """This process's peak RSS in MiB: ``VmHWM`` (per address space, so a child started by
-    fork+exec does not inherit its parent's peak, as ``ru_maxrss`` does on Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB (macOS: bytes)
-
-
-# ---------------------------------------------------------------------------------- report
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

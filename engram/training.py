@@ -133,10 +133,23 @@ def rss_mb() -> float:
         return peak_rss_mb()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: ``VmHWM`` (per address space, so a child started by
+    fork+exec does not inherit its parent's peak, as ``ru_maxrss`` does on Linux); ``ru_maxrss``
+    where ``/proc`` is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KiB on Linux
+    return peak_rss_bytes() / 1e6
 
 
 def state_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:

@@ -104,8 +104,9 @@ class EngramCacheLayer(DummyLayer):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         k = -tokens_to_remove
         if k:
-            have = min([self.history.shape[1] - self.history_len] if self.history is not None else [0])
-            have = min([have] + [s.conv.shape[1] - self.conv_len for s in self.layers.values() if s.conv is not None])
+            spare = [self.history.shape[1] - self.history_len if self.history is not None else 0]
+            spare += [s.conv.shape[1] - self.conv_len for s in self.layers.values() if s.conv is not None]
+            have = min(spare)  # tokens recorded beyond what the next step reads, in every part
             if k > have or k > self.seen:
                 raise ValueError(
                     f"cannot crop {k} tokens from the Engram cache: only {max(have, 0)} were recorded since "

@@ -14,7 +14,7 @@ adversarial int64 values); ``"auto"`` picks fast for big inputs, plain for decod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -217,6 +217,9 @@ class NgramHashMapping(nn.Module):
         max_prime = max(p for l in self.layer_ids for order in self.table_sizes[l] for p in order)
         self.fast_widths = split_plan(max_prime)  # None: primes too big, "fast" falls back to plain
         self._fast_cache: dict[torch.device, dict[str, Any]] = {}
+        # Called with every hash_step's {layer_id: (B, T, H)} (engram.prefetch's Prefetcher). A
+        # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.
+        self.step_listeners: list[Callable[[dict[int, torch.Tensor]], None]] = []
 
     @property
     def history_len(self) -> int:
@@ -431,10 +434,20 @@ class NgramHashMapping(nn.Module):
 
         Returns ``({layer_id: (B, T, H)}, next history)``. A few CPU tokens (a decode step)
         take one Python-int pass instead of ~10 small tensor ops; the result is the same.
+        Every function in :attr:`step_listeners` is then called with the hash ids.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
-            return self._step_scalar(input_ids, history, token_mask, keep_history)
+            out = self._step_scalar(input_ids, history, token_mask, keep_history)
+        else:
+            out = self._step_tensor(input_ids, history, token_mask, keep_history)
+        for listener in self.step_listeners:
+            listener(out[0])
+        return out
+
+    def _step_tensor(self, input_ids: torch.Tensor, history: torch.Tensor | None, token_mask: torch.Tensor | None,
+                     keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """:meth:`hash_step` as tensor ops (any device, any length)."""
         comp = self.compress(input_ids)  # (B, T)
         if token_mask is not None:
             comp = torch.where(token_mask.to(comp.device), comp, self.pad_id)

@@ -399,6 +399,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             # cfg.pad_id is already the resolved raw id (build_hashing), so the pad keeps its id
             hashing = NgramHashMapping(cfg, CompressedTokenizer(lookup_table=table),
                                        multiplier_vocab=self.hashing.multiplier_vocab)
+        hashing.step_listeners = self.hashing.step_listeners  # an attached Prefetcher follows
         object.__setattr__(self, "hashing", hashing)
         self.engram_config = cfg
         self._store_engram(self.config, cfg, hashing.state_dict_extra())

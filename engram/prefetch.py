@@ -3,7 +3,7 @@
 Shapes: B batch, T time, H heads per layer, d row width.
 
 Engram addresses depend on token ids only, so the rows a layer will need are known before the
-forward pass reaches it. A :class:`Prefetcher` wraps the model's hashing
+forward pass reaches it. A :class:`Prefetcher` listens to the model's hashing
 (``NgramHashMapping.hash_step``, which ``EngramGPT.forward`` and ``EngramForCausalLM.forward``
 call once per prefill and once per decode step) and, the moment the hash ids exist, queues one
 gather per offloaded Engram layer, in layer order, on a background worker:
@@ -62,15 +62,8 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.submitted = 0
-        for h in self.hashings:
-            original = h.hash_step  # bound method of the class
-
-            def hooked(*args: Any, _orig=original, **kwargs: Any) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-                out = _orig(*args, **kwargs)
-                self.prefetch(out[0])
-                return out
-
-            h.hash_step = hooked  # instance attribute shadows the method; close() removes it
+        for h in self.hashings:  # a mapping rebuilt later (resize_token_embeddings) keeps the listener
+            h.step_listeners.append(self.prefetch)
 
     def prefetch(self, hash_ids: dict[int, torch.Tensor]) -> None:
         """Queue the gathers of ``{layer_id: (B, T, H)}`` for every offloaded layer, in layer order."""
@@ -103,7 +96,8 @@ class Prefetcher:
             if isinstance(e.memory, OffloadedMultiHeadEmbedding):
                 e.memory._wait_pending()
         for h in self.hashings:
-            h.__dict__.pop("hash_step", None)
+            if self.prefetch in h.step_listeners:
+                h.step_listeners.remove(self.prefetch)
         self._pool.shutdown(wait=True)
         if getattr(self.model, "engram_prefetcher", None) is self:
             del self.model.engram_prefetcher

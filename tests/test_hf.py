@@ -394,6 +394,26 @@ def test_resize_token_embeddings_keeps_old_ngrams_and_grows_the_table(tok, tmp_p
         model.resize_token_embeddings(V + 9000, tokenizer=_other_tokenizer())
 
 
+def test_prefetcher_follows_a_resize(tok):
+    """A Prefetcher attached before resize_token_embeddings keeps prefetching for the rebuilt hashing."""
+    model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)).eval()
+    ref = copy.deepcopy(model)
+    engram.offload(model, "host", cache_rows=8, prefetch=True)
+    pf = model.engram_prefetcher
+    for m in (model, ref):
+        torch.manual_seed(0)  # the new embedding rows are drawn at random: the same draws for both
+        m.resize_token_embeddings(V + 3)
+    ids = torch.cat([torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(2)),
+                     torch.full((2, 1), V + 1)], 1)
+    with torch.no_grad():
+        got = model(ids).logits
+        want = ref(ids).logits
+    assert pf.submitted == 2  # one gather per offloaded layer, from the new mapping
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    pf.close()
+    assert model.hashing.step_listeners == []
+
+
 def test_load_after_import_engram_in_fresh_process(tok, tmp_path):
     model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
     ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(5))

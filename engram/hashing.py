@@ -221,6 +221,13 @@ class NgramHashMapping(nn.Module):
         # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.
         self.step_listeners: list[Callable[[dict[int, torch.Tensor]], None]] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Listeners are runtime attachments (a Prefetcher and its worker thread): a copy or a
+        # pickle of the mapping starts without them.
+        state = self.__dict__.copy()
+        state["step_listeners"] = []
+        return state
+
     @property
     def history_len(self) -> int:
         """Compressed ids of history a decode step needs (N-1)."""

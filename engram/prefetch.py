@@ -102,8 +102,18 @@ class Prefetcher:
         if getattr(self.model, "engram_prefetcher", None) is self:
             del self.model.engram_prefetcher
 
+    def __reduce__(self) -> tuple:
+        # A copied or pickled model does not take the prefetcher (a worker thread) along:
+        # ``copy.deepcopy(model)`` gives ``engram_prefetcher = None``; attach a new one to the copy.
+        return (_detached, ())
+
     def __enter__(self) -> "Prefetcher":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _detached() -> None:
+    """What a copied or unpickled :class:`Prefetcher` becomes."""
+    return None

@@ -136,6 +136,23 @@ def test_prefetcher_skips_mismatched_ids_and_in_memory_tables(model, ids):
         assert pf.submitted == 0
 
 
+def test_copying_a_prefetching_model_leaves_the_prefetcher_behind(model, ids):
+    import pickle
+
+    m = offload(copy.deepcopy(model), "host", cache_rows=16, prefetch=True)
+    user = Prefetcher(m)  # a second, user-made one: both listen to the same mapping
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.engram_prefetcher is None and twin.hashing.step_listeners == []
+        with torch.no_grad():
+            assert torch.equal(twin(ids)[0], model(ids)[0])
+    before = m.engram_prefetcher.submitted
+    with torch.no_grad():
+        m(ids)
+    assert m.engram_prefetcher.submitted > before and user.submitted > 0  # the original still prefetches
+    user.close()
+    m.engram_prefetcher.close()
+
+
 def test_offload_finds_engram_in_any_container(tmp_path):
     cfg = EngramConfig(hidden_size=16, layer_ids=[1], n_embed_per_ngram=8, n_head_per_ngram=2,
                        engram_vocab_size=[31, 37])

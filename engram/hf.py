@@ -415,17 +415,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             )
         state = step.cache.layer(layer_id) if step.cache is not None else None
         branch = self.engram[str(layer_id)]
-
-        def run(h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-            if torch.is_grad_enabled() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-                return branch(h, step.hash_ids[layer_id], state, step.token_mask)
-            # generate() runs under no_grad; inference mode also skips the per-op autograd
-            # bookkeeping (~1 us an op, a sixth of a CPU decode step's branch). The result only
-            # feeds the residual add (not in place) and the cache's functional updates.
-            with torch.inference_mode():
-                return branch(h, step.hash_ids[layer_id], state, step.token_mask)
-
-        return self.family.add_to_residual(args, kwargs, run)
+        return self.family.add_to_residual(
+            args, kwargs, lambda h: branch(h, step.hash_ids[layer_id], state, step.token_mask)  # (B, T, D)
+        )
 
     def forward(
         self,
@@ -475,8 +467,6 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                     f"attention_mask must be 2-D (B, past+new)=({B}, {past + T}), got {tuple(attention_mask.shape)}"
                 )
             token_mask = attention_mask[:, past:].bool()  # (B, T)
-            if token_mask.device.type == "cpu" and token_mask.numel() <= 64 and bool(token_mask.all()):
-                token_mask = None  # a decode step without padding (generate passes the mask every step)
             if position_ids is None:
                 # Count real tokens only, so a left-padded row sees the positions it has alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)

@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from .config import EngramConfig
 from .memory import MultiHeadEmbedding
-from .small import tensor_from_list
 
 
 @dataclass
@@ -46,8 +45,6 @@ class EngramLayerState:
 _CONV_METHODS = ("taps", "conv")
 # Up to this many tokens a CPU step is dispatch-bound: the lean RMSNorm composite below is used.
 _SMALL_TOKENS = 64
-# Up to this many gate values (B*T*M) without autograd on CPU, the gate is finished on Python floats.
-_FLOAT_GATES = 16
 _CONSTS: dict[tuple[float, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
@@ -209,45 +206,17 @@ class Engram(nn.Module):
         B, T, M, D = hidden_states.shape
         k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
         q = hidden_states
-        eps = torch.finfo(hidden_states.dtype).eps  # RMSNorm's default eps for the input dtype
-        if (B * T * M <= _FLOAT_GATES and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-                and not (k.requires_grad or q.requires_grad) and not torch.compiler.is_compiling()):
-            return self._gate_on_floats(k, q, eps)
         if k.dtype in (torch.float16, torch.bfloat16):
             k, q = k.float(), q.float()  # sums of squares overflow float16
         kq = torch.stack([k, q])  # (2, B, T, M, D)
         ss = torch.linalg.vecdot(kq, kq)  # (2, B, T, M): s_k, s_h
         dot = torch.linalg.vecdot(k * self.key_norm_weight, q * self.query_norm_weight)  # (B, T, M)
         # rsqrt((s + D*eps) / sqrt(D)) = D**-0.25 / rms; the product of the two is z's scale.
+        eps = torch.finfo(hidden_states.dtype).eps  # RMSNorm's default eps for the input dtype
         r = torch.addcmul(_const(math.sqrt(D) * eps, ss), ss, _const(D**-0.5, ss)).rsqrt_()  # (2, B, T, M)
         z = dot * r.prod(0)  # (B, T, M)
         a = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())  # signed sqrt, as in the demo
         return a.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, M, 1)
-
-    def _gate_on_floats(self, k: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-        """:meth:`gate` for a few CPU tokens without autograd: the three sums in one op, the rest on floats.
-
-        A decode step has B*M gate values; after the sums each is a handful of scalar ops, which
-        cost ~0.1 us as Python floats and ~3 us each as tensor ops (a CPU decode step is
-        dispatch-bound). Same formula (in float64 after the sums); tests compare it with :meth:`gate`'s
-        tensor path.
-        """
-        B, T, M, D = q.shape
-        w = self.key_norm_weight * self.query_norm_weight  # (M, D)
-        left = torch.stack([k, q, k], dim=-2)  # (B, T, M, 3, D)
-        right = torch.stack([k, q, q * w], dim=-2)
-        sums = torch.linalg.vecdot(left, right).view(-1, 3).tolist()  # B*T*M x [s_k, s_h, dot]
-        c, root_d = D * eps, math.sqrt(D)
-        gates = []
-        for s_k, s_h, dot in sums:
-            z = dot * root_d / math.sqrt((s_k + c) * (s_h + c))
-            if z != z:  # NaN stays NaN, as in the tensor path
-                gates.append(z)
-                continue
-            s = math.sqrt(max(abs(z), 1e-6))
-            s = s if z > 0 else -s if z < 0 else 0.0  # signed sqrt; sign(0) = 0
-            gates.append(1.0 / (1.0 + math.exp(-s)) if s >= 0 else math.exp(s) / (1.0 + math.exp(s)))
-        return tensor_from_list(gates, q.dtype).view(B, T, M, 1)  # (B, T, M, 1)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,9 +249,7 @@ class Engram(nn.Module):
         if cfg.lite:
             out = (self.lite_scale * rows.sum(2)).to(dtype).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
             return out.squeeze(2) if squeeze else out
-        e = rows.flatten(-2)  # (B, T, E)
-        if e.dtype != dtype:
-            e = e.to(dtype)
+        e = rows.flatten(-2).to(dtype)  # (B, T, E)
         v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
         if cfg.use_gate:
             u = self.gate(e, hidden_states) * v  # (B, T, M, D)

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .config import EngramConfig
-from .small import tensor_from_list
 from .threads import pool, single_thread
 from .tokenizer import CompressedTokenizer
 from .validation import check_ids
@@ -312,7 +311,7 @@ class NgramHashMapping(nn.Module):
                             signed = mix - (1 << 64) if mix >> 63 else mix
                             heads.extend(signed % p for p in primes[k - 1])  # Python % is non-negative
                     res.append(heads)
-            t = tensor_from_list(res, torch.long).view(B, T, self.config.n_heads_total)
+            t = torch.tensor(res, dtype=torch.long).view(B, T, self.config.n_heads_total)
             out[lid] = t if torch.device(device).type == "cpu" else t.to(device)
         return out
 
@@ -481,7 +480,7 @@ class NgramHashMapping(nn.Module):
         cut = len(full[0]) - T - h if full else 0  # rows before the N-1 ids the hash reads
         hashed = self._hash_lists([row[cut:] for row in full] if cut else full, B, T)
         rows = full if keep_history else [row[len(row) - h :] for row in full]
-        nxt = tensor_from_list(rows, torch.long).view(B, len(rows[0]) if rows else h)  # (B, N-1) or (B, L+T)
+        nxt = torch.tensor(rows, dtype=torch.long).view(B, len(rows[0]) if rows else h)  # (B, N-1) or (B, L+T)
         return hashed, nxt
 
     def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .small import tensor_from_list
 from .threads import single_thread
 from .validation import check_ids
 
@@ -155,7 +154,7 @@ class CompressedTokenizer:
         n = self.raw_vocab_size
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_IDS:
             (vals,) = self.compress_rows([input_ids.reshape(-1).tolist()])
-            return tensor_from_list(vals, torch.long).view(input_ids.shape)
+            return torch.tensor(vals, dtype=torch.long).view(input_ids.shape)
         table = self.table_on(input_ids.device)
         ids = input_ids.long()
         # A (B, T) gather: on a small shared CPU, waking threads costs more than it saves.

@@ -1,6 +1,7 @@
 """The four performance targets of issue #5, measured as ratios in one process (ABAB, medians).
 
-Run: ``python benchmarks/perf_targets.py [--reps 7]``. Self-contained on purpose (only the public
+Run: ``python benchmarks/perf_targets.py [--reps 7] [--only SECTIONS]`` (``--only decode_parts``: where a decode
+token's time goes, timed inside ``generate``). Self-contained on purpose (only the public
 API of ``engram``), so the same script measured the code before and after the performance work.
 
 Model (until ``engram.study`` has a default): GPTConfig(vocab 4096, n_layer 4, n_head 4,
@@ -68,11 +69,61 @@ def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warm
     return {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"], "ratio": med["base"] / med["engram"]}
 
 
+def decode_parts(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64) -> dict:
+    """Where a decode token's time goes, measured inside ``generate`` (µs per forward, medians).
+
+    Micro-benchmarks of a part alone mislead here: inside the loop the model's weights evict
+    the Python and dispatch state from the caches, so a part costs 2-3x its isolated time.
+    Each part is timed with ``perf_counter`` around the call, runs interleaved base/Engram.
+    """
+    import statistics
+    import time
+
+    parts: dict[str, dict[str, list[float]]] = {"base": {}, "engram": {}}
+    acc: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
+    models = {"base": base, "engram": eng}
+    for m in models.values():  # instance attributes shadow the methods for this measurement only
+        m._prepare = timed("prepare", m._prepare)
+        for i, b in enumerate(m.blocks):
+            b.forward = timed(f"block{i}", b.forward)
+            if b.engram is not None:
+                b.engram.forward = timed("engram_branch", b.engram.forward)
+        if m.hashing is not None:
+            m.hashing.hash_step = timed("hash_step", m.hashing.hash_step)
+        m.forward = timed("forward", m.forward)
+    prompt = torch.randint(0, 4096, (1, 16))
+    try:
+        for r in range(reps + 1):
+            for k, m in models.items():
+                acc.clear()
+                m.generate(prompt, new, temperature=0)
+                if r:  # the first round warms up
+                    for name, v in acc.items():
+                        parts[k].setdefault(name, []).append(v / (new + 1) * 1e6)
+    finally:
+        for m in models.values():
+            for obj in [m, *m.blocks, *(b.engram for b in m.blocks if b.engram is not None), m.hashing]:
+                if obj is not None:
+                    for attr in ("_prepare", "forward", "hash_step"):
+                        obj.__dict__.pop(attr, None)
+    return {k: {name: statistics.median(v) for name, v in d.items()} for k, d in parts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", default="hash,table,overhead",
-                    help="comma-separated sections: hash, table, overhead, train_fresh, optimizer, decode_width, compiled")
+                    help="comma-separated sections: hash, table, overhead, train_fresh, optimizer, decode_width, "
+                         "decode_parts, compiled")
     ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -149,6 +200,13 @@ def main() -> None:
             base, eng = gpt(tok, None, width=width).eval(), gpt(tok, 20000, sparse, width=width).eval()
             res[f"decode_width_{width}"] = decode_ratio(base, eng, args.reps)
             print(f"decode_width_{width}", res[f"decode_width_{width}"], flush=True)
+    if "decode_parts" in only:  # µs per forward of each part, timed inside generate
+        base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
+        res["decode_parts"] = decode_parts(base, eng, args.reps)
+        for name in res["decode_parts"]["engram"]:
+            b, e = res["decode_parts"]["base"].get(name), res["decode_parts"]["engram"][name]
+            print(f"decode_parts {name:14s} base {'-' if b is None else f'{b:7.1f}':>7} engram {e:7.1f} us/forward",
+                  flush=True)
     if "compiled" in only:  # both models under model.compile(dynamic=True), after a warm-up
         base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
         for m in (base, eng):

@@ -4,9 +4,11 @@ Run: ``python benchmarks/perf_targets.py [--reps 7] [--only SECTIONS]`` (``--onl
 token's time goes, timed inside ``generate``). Self-contained on purpose (only the public
 API of ``engram``), so the same script measured the code before and after the performance work.
 
-Model (until ``engram.study`` has a default): GPTConfig(vocab 4096, n_layer 4, n_head 4,
-n_embd 128, block_size 256) with Engram at layer 1, (2,3)-grams x 8 heads, n_embed_per_ngram 128,
-base table rows per head 5,003 (1x) or 500,009 (100x); batch (8, 256).
+Model: the study default (``engram.train_cli.DEFAULTS``): GPTConfig(vocab 4096, n_layer 4,
+n_head 4, n_embd 128, block_size 256) with Engram at block 1, (2,3)-grams x 4 heads,
+n_embed_per_ngram 128, 20,000 base rows per head; batch (16, 128). The table section compares
+5,003 (1x) with 500,009 (100x) base rows per head; the hash section uses EngramConfig's defaults
+(2 layers of (2,3)-grams x 8 heads) on ids (8, 4096).
 """
 
 from __future__ import annotations

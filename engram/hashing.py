@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .config import EngramConfig
 from .threads import pool, single_thread
 from .tokenizer import CompressedTokenizer
@@ -444,7 +445,9 @@ class NgramHashMapping(nn.Module):
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_TOKENS:
-            out = self._step_scalar(input_ids, history, token_mask, keep_history)
+            out = None if keep_history else cpu_kernels.hash_step(self, input_ids, history, token_mask)
+            if out is None:  # no kernels here, or a case they leave to the plain path (it raises on bad ids)
+                out = self._step_scalar(input_ids, history, token_mask, keep_history)
         else:
             out = self._step_tensor(input_ids, history, token_mask, keep_history)
         for listener in self.step_listeners:

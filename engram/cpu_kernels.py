@@ -33,11 +33,13 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-if TYPE_CHECKING:  # imported lazily at run time: module.py and hashing.py import this file
+from .memory import MultiHeadEmbedding
+
+if TYPE_CHECKING:  # module.py and hashing.py import this file
     from .hashing import NgramHashMapping
     from .module import Engram, EngramLayerState
 
@@ -53,7 +55,6 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _on = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
-_CPU = torch.device("cpu")
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "engram_hash_step": [_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P],
@@ -142,6 +143,27 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+# ------------------------------------------------------------------------------------ hash step
+def _hash_plan(mapping: NgramHashMapping) -> tuple:
+    """The hash step's constant arguments, built once per mapping (and per compression table).
+
+    Holds its own CPU copies of the multipliers and primes (the mapping's buffers may move to
+    an accelerator) and the compression table, so no pointer can go stale.
+    """
+    plan = mapping.__dict__.get("_kernel_plan")
+    if plan is None or plan[0] is not mapping.compressed or plan[1] != mapping.pad_id:
+        cfg = mapping.config
+        mult = torch.tensor([mapping.multipliers[lid] for lid in mapping.layer_ids], dtype=torch.long)  # (L, N)
+        primes = torch.tensor([[p for order in mapping.table_sizes[lid] for p in order] for lid in mapping.layer_ids],
+                              dtype=torch.long)  # (L, H)
+        lookup = torch.from_numpy(mapping.compressed.lookup_table)  # (V,) int64, shares memory
+        consts = (lookup.data_ptr(), lookup.shape[0])
+        shape = (len(mapping.layer_ids), cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.n_heads_total)
+        plan = (mapping.compressed, mapping.pad_id, consts, shape, (mult, primes, lookup), tuple(mapping.layer_ids))
+        mapping.__dict__["_kernel_plan"] = plan
+    return plan
+
+
 def hash_step(mapping: NgramHashMapping, input_ids: torch.Tensor, history: torch.Tensor | None,
               token_mask: torch.Tensor | None) -> tuple[dict[int, torch.Tensor], torch.Tensor] | None:
     """:meth:`NgramHashMapping.hash_step` for CPU ids ``(B, T)`` in one call; ``None``: use the plain path.
@@ -156,120 +178,129 @@ def hash_step(mapping: NgramHashMapping, input_ids: torch.Tensor, history: torch
         return None
     if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.device.type != "cpu"):
         return None
+    _, pad, (lookup, vocab), (L, N, K, H), (mult, primes, _), layer_ids = _hash_plan(mapping)
+    B, T = input_ids.shape
+    if history is not None and (history.shape[0] != B or history.shape[1] < N - 1):
+        return None
     input_ids = input_ids.contiguous()
     history = None if history is None else history.contiguous()
     token_mask = None if token_mask is None else token_mask.contiguous()
-    B, T = input_ids.shape
-    cfg = mapping.config
-    N, K = cfg.max_ngram_size, cfg.n_head_per_ngram
-    L, H = len(mapping.layer_ids), cfg.n_heads_total
-    if history is not None and (history.shape[0] != B or history.shape[1] < N - 1):
-        return None
-    if mapping._mult.device.type != "cpu":
-        return None
-    lookup = mapping.compressed.table_on(_CPU)  # (V,) int64, shares the NumPy table's memory
-    out = torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
+    out = torch.empty(B, T, H, dtype=torch.long) if L == 1 else torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
     nxt = torch.empty(B, N - 1, dtype=torch.long)  # (B, N-1)
     rc = lib.engram_hash_step(
-        B, T, input_ids.data_ptr(), lookup.data_ptr(), lookup.shape[0],
-        _ptr(history), 0 if history is None else history.shape[1], _ptr(token_mask), mapping.pad_id,
-        L, N, K, mapping._mult.data_ptr(), mapping._primes.data_ptr(), out.data_ptr(), nxt.data_ptr(),
+        B, T, input_ids.data_ptr(), lookup, vocab, _ptr(history), 0 if history is None else history.shape[1],
+        _ptr(token_mask), pad, L, N, K, mult.data_ptr(), primes.data_ptr(), out.data_ptr(), nxt.data_ptr(),
     )
     if rc != 0:
         return None
-    return {lid: out[i] for i, lid in enumerate(mapping.layer_ids)}, nxt
+    if L == 1:
+        return {layer_ids[0]: out}, nxt
+    return {lid: out[i] for i, lid in enumerate(layer_ids)}, nxt
 
 
+# ------------------------------------------------------------------------------------ Engram branch
 def _hooked(*modules: torch.nn.Module | None) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
-def plain_table(engram: Engram, hash_ids: torch.Tensor) -> torch.Tensor | None:
-    """The branch's table when :func:`engram_step` can look ``hash_ids (B, 1, H)`` up itself, else ``None``.
+def _branch_plan(engram: Engram) -> tuple | None:
+    """The branch's weight arguments, or ``None`` when the kernel does not apply to this module.
 
-    Only the plain in-memory :class:`~engram.memory.MultiHeadEmbedding`, unhooked, float32 and
-    contiguous on the CPU; offloaded and quantised storage (module swaps) look up first.
+    Read through the module dicts (no ``nn.Module.__getattr__``) on every call, so swapped
+    submodules, replaced parameters and new hooks are always seen; the checks of dtype, device
+    and layout are redone only when a weight's storage or dtype changed (``.to()``, loading).
     """
-    from .memory import MultiHeadEmbedding
-
-    mem = engram.memory
-    if (type(mem) is not MultiHeadEmbedding or _hooked(mem, mem.embedding) or hash_ids.dtype != torch.long
-            or hash_ids.shape[-1] != mem.num_heads):
+    cfg = engram.config
+    mods, own = engram._modules, engram._parameters
+    vp = mods["value_proj"]
+    kp = mods["key_proj"] if cfg.use_gate else None
+    conv = mods["short_conv"] if cfg.use_short_conv else None
+    mem = mods["memory"]
+    emb = mem._modules["embedding"] if type(mem) is MultiHeadEmbedding else None
+    if _hooked(vp, kp, conv, mem, emb):
         return None
-    w = mem.embedding.weight
-    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or hash_ids.device.type != "cpu":
-        return None
-    return w
+    params = [vp._parameters["weight"], vp._parameters["bias"]]
+    if kp is not None:
+        params += [kp._parameters["weight"], kp._parameters["bias"], own["key_norm_weight"], own["query_norm_weight"]]
+    if conv is not None:
+        params += [conv._modules["conv"]._parameters["weight"], conv._parameters["norm_weight"]]
+    table = None if emb is None else emb._parameters["weight"]
+    offsets = None if emb is None else mem._buffers["offsets"]
+    key = tuple((0, None) if p is None else (p.data_ptr(), p.dtype) for p in [*params, table, offsets]) + (id(mem),)
+    cached = engram.__dict__.get("_kernel_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = None
+    if all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()) for p in params):
+        if table is not None and not (table.dtype == torch.float32 and table.device.type == "cpu"
+                                      and table.is_contiguous() and offsets.device.type == "cpu"):
+            table = None  # this table is looked up by the module, the rest still fused
+        vw, vb, *rest = params
+        kw, kb, kn, qn = rest[:4] if kp is not None else (None,) * 4
+        cw, cn = rest[-2:] if conv is not None else (None, None)
+        D = vw.shape[0]
+        eps = torch.finfo(torch.float32).eps  # RMSNorm's default eps, as in Engram.gate
+        lookup = (0, None, 0, None) if table is None else (mem.num_heads, offsets.data_ptr(), mem.num_rows, table.data_ptr())
+        weights = (vw.data_ptr(), _ptr(vb), _ptr(kw), _ptr(kb), _ptr(kn), _ptr(qn))
+        gate = ((D**0.5) * eps, D**-0.5)
+        conv_args = (None, 0, 0, None, 0.0) if conv is None else (
+            cw.data_ptr(), conv.kernel_size, conv.dilation, cn.data_ptr(), conv.eps)
+        plan = (lookup, weights, gate, conv_args, 1.0 / D, 0 if conv is None else conv.state_len,
+                None if table is None else mem.num_heads * mem.embedding_dim)
+    engram.__dict__["_kernel_plan"] = (key, plan)
+    return plan
 
 
-def engram_step(engram: Engram, hidden_states: torch.Tensor, e: torch.Tensor | None, hash_ids: torch.Tensor,
-                state: EngramLayerState | None, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+def engram_step(engram: Engram, hidden_states: torch.Tensor, hash_ids: torch.Tensor, state: EngramLayerState | None,
+                token_mask: torch.Tensor | None, lookup: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
     """:meth:`Engram.forward` for one token per row in one call; ``None``: use the plain path.
 
-    Args: ``hidden_states (B, 1, M, D)``; ``e (B, 1, E)`` the memory vectors already looked up
-    by the storage module (offloaded, quantised), or ``None`` to look ``hash_ids (B, 1, H)`` up
-    here in the plain table (see :func:`plain_table`); the forward's ``state`` and
-    ``token_mask``. Taken only where the plain path gives the same values: float32 on the CPU
+    Args: ``hidden_states (B, 1, M, D)``, ``hash_ids (B, 1, H)``, the forward's ``state`` and
+    ``token_mask``, and ``lookup``, the branch's ``hash_ids -> (B, 1, E)`` for storage the kernel
+    does not read itself (offloaded, quantised: module swaps); a plain in-memory table is read
+    in the kernel. Taken only where the plain path gives the same values: float32 on the CPU
     without autograd and nothing hooked into the branch (``engram inspect`` hooks the gate).
     Updates ``state`` as the plain path does. Returns ``(B, 1, M, D)``.
     """
     lib = library()
     if lib is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    cfg = engram.config
     B, T, M, D = hidden_states.shape
-    if (T != 1 or cfg.lite or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
+    if (T != 1 or engram.config.lite or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
             or "gate" in engram.__dict__):
         return None
-    table = None
-    if e is None:
-        table = plain_table(engram, hash_ids)
-        if table is None:
-            return None
-        E = engram.memory.num_heads * engram.memory.embedding_dim
-    else:
-        if e.dtype != torch.float32 or e.device.type != "cpu":
-            return None
-        e = e.contiguous()
-        E = e.shape[-1]
-    conv = engram.short_conv if cfg.use_short_conv else None
-    key = engram.key_proj if cfg.use_gate else None
-    if _hooked(engram.value_proj, key, conv):
+    plan = _branch_plan(engram)
+    if plan is None:
         return None
-    weights = [engram.value_proj.weight, engram.value_proj.bias]
-    if key is not None:
-        weights += [key.weight, key.bias, engram.key_norm_weight, engram.query_norm_weight]
-    if conv is not None:
-        weights += [conv.conv.weight, conv.norm_weight]
-    if any(w is not None and (w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous())
-           for w in weights):
-        return None
+    table, weights, gate, conv_args, inv_d, W, table_E = plan
+    in_kernel = table[3] is not None and hash_ids.dtype == torch.long and hash_ids.device.type == "cpu"
+    if in_kernel and hash_ids.shape[-1] != table[0]:
+        return None  # the plain path raises on a wrong head count
     past = None
-    if conv is not None and state is not None and state.conv is not None:
+    if W and state is not None and state.conv is not None:
         past = state.conv
-        if past.dtype != torch.float32 or past.shape[0] != B or past.shape[1] < conv.state_len:
+        if past.dtype != torch.float32 or past.shape[0] != B or past.shape[1] < W:
             return None
         past = past.contiguous()
-    if token_mask is not None and token_mask.dtype != torch.bool:
-        return None
+    if token_mask is not None:
+        if token_mask.dtype != torch.bool:
+            return None
+        token_mask = token_mask.contiguous()
+    e = ids = None
+    if in_kernel:
+        ids, E = hash_ids.contiguous(), table_E
+    else:  # every check is done: the storage module's lookup runs once
+        e = lookup(hash_ids).float().contiguous()  # (B, 1, E)
+        E = e.shape[-1]
+        if e.device.type != "cpu":
+            return None
+        table = (0, None, 0, None)
     hs = hidden_states.contiguous()
-    ids = None if table is None else hash_ids.contiguous()
-    mask = None if token_mask is None else token_mask.contiguous()
-    W = conv.state_len if conv is not None else 0
-    tail = torch.empty(B, W, M * D) if conv is not None and state is not None else None  # (B, W, C)
+    tail = torch.empty(B, W, M * D) if conv_args[0] is not None and state is not None else None  # (B, W, C)
     out = torch.empty(B, 1, M, D)  # (B, 1, M, D)
-    eps = torch.finfo(torch.float32).eps  # RMSNorm's default eps, as in Engram.gate
     rc = lib.engram_branch_step(
-        B, M, D, E, _ptr(e), _ptr(ids), 0 if table is None else engram.memory.num_heads,
-        _ptr(None if table is None else engram.memory.offsets), 0 if table is None else engram.memory.num_rows,
-        _ptr(table), engram.value_proj.weight.data_ptr(), _ptr(engram.value_proj.bias),
-        _ptr(None if key is None else key.weight), _ptr(None if key is None else key.bias),
-        _ptr(getattr(engram, "key_norm_weight", None)), _ptr(getattr(engram, "query_norm_weight", None)),
-        hs.data_ptr(), (D**0.5) * eps, D**-0.5,
-        _ptr(None if conv is None else conv.conv.weight), 0 if conv is None else conv.kernel_size,
-        0 if conv is None else conv.dilation, _ptr(None if conv is None else conv.norm_weight),
-        0.0 if conv is None else conv.eps, 1.0 / D, _ptr(past), 0 if past is None else past.shape[1],
-        _ptr(mask), _ptr(tail), out.data_ptr(),
+        B, M, D, E, _ptr(e), _ptr(ids), *table, *weights, hs.data_ptr(), *gate, *conv_args, inv_d,
+        _ptr(past), 0 if past is None else past.shape[1], _ptr(token_mask), _ptr(tail), out.data_ptr(),
     )
     if rc == 1:
         return None  # a row outside the table: the plain path raises its usual error

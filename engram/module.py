@@ -245,10 +245,8 @@ class Engram(nn.Module):
             )
         if hash_ids.ndim != 3 or hash_ids.shape[:2] != (B, T):
             raise ValueError(f"hash_ids must be (B, T, H)=({B}, {T}, H), got {tuple(hash_ids.shape)}")
-        # A decode step on the CPU: lookup (plain table) and branch in one fused C call when it applies.
-        decode = T == 1 and not cfg.lite and not torch.is_grad_enabled()
-        if decode:
-            fused = cpu_kernels.engram_step(self, hidden_states, None, hash_ids, state, token_mask)  # (B, 1, M, D)
+        if T == 1 and not cfg.lite and not torch.is_grad_enabled():  # a decode step: one fused C call if it applies
+            fused = cpu_kernels.engram_step(self, hidden_states, hash_ids, state, token_mask, self.lookup)  # (B, 1, M, D)
             if fused is not None:
                 return fused.squeeze(2) if squeeze else fused
         rows = self.memory(hash_ids)  # (B, T, H, d)
@@ -257,10 +255,6 @@ class Engram(nn.Module):
             out = (self.lite_scale * rows.sum(2)).to(dtype).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
             return out.squeeze(2) if squeeze else out
         e = rows.flatten(-2).to(dtype)  # (B, T, E)
-        if decode and cpu_kernels.plain_table(self, hash_ids) is None:  # other storage: the rest in one C call
-            fused = cpu_kernels.engram_step(self, hidden_states, e, hash_ids, state, token_mask)  # (B, 1, M, D)
-            if fused is not None:
-                return fused.squeeze(2) if squeeze else fused
         v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
         if cfg.use_gate:
             u = self.gate(e, hidden_states) * v  # (B, T, M, D)

@@ -131,7 +131,7 @@ def test_branch_kernel_equals_plain_path_over_steps(variant, B, keep, masked):
     h = torch.randn(B, 1, cfg.hc_mult, cfg.hidden_size)
     ids = torch.zeros(B, 1, cfg.n_heads_total, dtype=torch.long)
     with torch.no_grad():
-        assert cpu_kernels.engram_step(eng, h, None, ids, None, None) is not None, "the kernel declined"
+        assert cpu_kernels.engram_step(eng, h, ids, None, None, eng.lookup) is not None, "the kernel declined"
     got, got_state = steps(eng, True, 6, B, keep, masked)
     want, want_state = steps(eng, False, 6, B, keep, masked)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -152,9 +152,15 @@ def test_branch_kernel_on_offloaded_storage_equals_plain_path(tmp_path):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 1, 16, generator=g)
     ids = torch.stack([torch.randint(0, s, (2, 1), generator=g) for s in eng.memory.sizes], -1)
+    calls = []
+
+    def lookup(x):
+        calls.append(x)
+        return eng.lookup(x)
+
     with torch.no_grad():
-        e = eng.memory(ids).flatten(-2)
-        assert cpu_kernels.engram_step(eng, h.unsqueeze(2), e, ids, None, None) is not None
+        assert cpu_kernels.engram_step(eng, h.unsqueeze(2), ids, None, None, lookup) is not None
+    assert len(calls) == 1  # the storage module looks up once
     got, _ = steps(eng, True, 4, 2, False, True)
     want, _ = steps(eng, False, 4, 2, False, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -164,21 +170,21 @@ def test_branch_kernel_steps_aside_for_autograd_hooks_and_bad_rows():
     eng = branch()
     h = torch.randn(1, 1, 1, 16)
     ids = torch.zeros(1, 1, eng.config.n_heads_total, dtype=torch.long)
-    assert cpu_kernels.engram_step(eng, h, None, ids, None, None) is None  # autograd on: plain path
+    assert cpu_kernels.engram_step(eng, h, ids, None, None, eng.lookup) is None  # autograd on: plain path
     with torch.no_grad():
         eng.gate = lambda *a: Engram.gate(eng, *a)  # what `engram inspect` does
-        assert cpu_kernels.engram_step(eng, h, None, ids, None, None) is None
+        assert cpu_kernels.engram_step(eng, h, ids, None, None, eng.lookup) is None
         del eng.gate
         handle = eng.value_proj.register_forward_hook(lambda *a: None)
-        assert cpu_kernels.engram_step(eng, h, None, ids, None, None) is None
+        assert cpu_kernels.engram_step(eng, h, ids, None, None, eng.lookup) is None
         handle.remove()
-        assert cpu_kernels.engram_step(eng, h.double(), None, ids, None, None) is None
+        assert cpu_kernels.engram_step(eng, h.double(), ids, None, None, eng.lookup) is None
         bad = ids.clone()
         bad[0, 0, -1] = 10**6  # past the flat table: the plain path's IndexError, not a wild read
-        assert cpu_kernels.engram_step(eng, h, None, bad, None, None) is None
+        assert cpu_kernels.engram_step(eng, h, bad, None, None, eng.lookup) is None
         with pytest.raises(IndexError):
             eng(h.squeeze(2), bad)
-        assert cpu_kernels.engram_step(eng, h, None, ids[..., :-1], None, None) is None  # wrong head count
+        assert cpu_kernels.engram_step(eng, h, ids[..., :-1], None, None, eng.lookup) is None  # wrong head count
 
 
 def test_training_gradients_unchanged_by_kernels():
@@ -222,3 +228,33 @@ def test_gpt_greedy_decode_same_tokens_with_and_without_kernels():
             out[on], logits[on] = torch.cat(toks, 1), torch.cat(steps_logits, 1)
     assert torch.equal(out[True], out[False])
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_branch_kernel_follows_weight_changes():
+    """Weights edited in place, replaced, or converted: the kernel reads the current ones (or declines)."""
+    eng = branch()
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 1, 16, generator=g)
+    ids = torch.stack([torch.randint(0, s, (2, 1), generator=g) for s in eng.memory.sizes], -1)
+
+    def both():
+        with torch.no_grad():
+            with cpu_kernels.enabled(True):
+                got = eng(h, ids)
+            with cpu_kernels.enabled(False):
+                want = eng(h, ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    both()
+    with torch.no_grad():
+        eng.value_proj.weight.mul_(2.0)  # in place (an optimizer step, load_state_dict)
+        eng.memory.embedding.weight[:, 0] += 1.0
+    both()
+    eng.key_proj.weight = torch.nn.Parameter(torch.randn_like(eng.key_proj.weight))  # replaced
+    both()
+    eng.double()
+    with torch.no_grad():
+        assert cpu_kernels.engram_step(eng, h.double().unsqueeze(2), ids, None, None, eng.lookup) is None
+        assert cpu_kernels.engram_step(eng, h.unsqueeze(2), ids, None, None, eng.lookup) is None  # float64 weights
+    eng.float()
+    both()

@@ -13,10 +13,10 @@ stays pure Python and needs no build step.
 They are fast paths, never requirements: with no compiler, on a platform where the build fails,
 or with ``ENGRAM_CPU_KERNELS=0`` in the environment, everything runs the plain torch path. The
 kernels run only where the plain path would give the same values (float32, CPU, no autograd, one
-token per row, no hooks); the table lookup itself stays with the storage module (a module swap:
-in memory, offloaded or quantised). tests/test_cpu_kernels.py holds them equal
-(hash ids bit-exact, branch outputs to float32 rounding). :func:`enabled` switches them off and
-on at run time (e.g. to time both).
+token per row, no hooks). A plain in-memory table is read in the kernel; offloaded or quantised
+storage (module swaps) looks its rows up first and the kernel does the rest.
+tests/test_cpu_kernels.py holds them equal (hash ids bit-exact, branch outputs to float32
+rounding). :func:`enabled` switches them off and on at run time (e.g. to time both).
 """
 
 from __future__ import annotations
@@ -70,11 +70,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "engram"
 
 
+def _cpu_id() -> str:
+    """This CPU's model and instruction-set flags: a ``-march=native`` build is only valid for them
+    (a home folder shared by machines of a cluster must not hand one CPU's build to another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read(1 << 16).splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
 def _compile(source: bytes, compiler: str) -> Path | None:
-    """Build the shared library once per (source, compiler, machine); return its path or None."""
+    """Build the shared library once per (source, compiler, flags, CPU); return its path or None."""
     suffix = ".dll" if sys.platform == "win32" else ".so"
+    cpu = _cpu_id()
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(source + repr((compiler, flags, platform.machine())).encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + repr((compiler, flags, platform.machine(), cpu)).encode()).hexdigest()[:16]
         for root in (cache_dir(), Path(tempfile.gettempdir()) / f"engram-{os.getuid() if hasattr(os, 'getuid') else 0}"):
             target = root / f"engram_cpu_{key}{suffix}"
             if target.exists():
@@ -207,8 +219,9 @@ def _branch_plan(engram: Engram) -> tuple | None:
     """The branch's weight arguments, or ``None`` when the kernel does not apply to this module.
 
     Read through the module dicts (no ``nn.Module.__getattr__``) on every call, so swapped
-    submodules, replaced parameters and new hooks are always seen; the checks of dtype, device
-    and layout are redone only when a weight's storage or dtype changed (``.to()``, loading).
+    submodules, replaced parameters and new hooks are always seen; the checks of dtype, device,
+    shape and layout are redone only when a weight's storage, dtype or shape changed (``.to()``,
+    a replaced parameter). Every pointer the plan passes is part of that key.
     """
     cfg = engram.config
     mods, own = engram._modules, engram._parameters
@@ -226,27 +239,33 @@ def _branch_plan(engram: Engram) -> tuple | None:
         params += [conv._modules["conv"]._parameters["weight"], conv._parameters["norm_weight"]]
     table = None if emb is None else emb._parameters["weight"]
     offsets = None if emb is None else mem._buffers["offsets"]
-    key = tuple((0, None) if p is None else (p.data_ptr(), p.dtype) for p in [*params, table, offsets]) + (id(mem),)
+    key = tuple(None if p is None else (p.data_ptr(), p.dtype, p.shape) for p in [*params, table, offsets]) + (id(mem),)
     cached = engram.__dict__.get("_kernel_plan")
     if cached is not None and cached[0] == key:
         return cached[1]
     plan = None
-    if all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()) for p in params):
+    D, M, E = cfg.hidden_size, cfg.hc_mult, cfg.memory_dim
+    shapes = [(D, E), (D,)]
+    if kp is not None:
+        shapes += [(M * D, E), (M * D,), (M, D), (M, D)]
+    if conv is not None:
+        shapes += [(M * D, 1, conv.kernel_size), (M, D)]
+    if all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
+                         and tuple(p.shape) == want) for p, want in zip(params, shapes)):
         if table is not None and not (table.dtype == torch.float32 and table.device.type == "cpu"
-                                      and table.is_contiguous() and offsets.device.type == "cpu"):
+                                      and table.is_contiguous() and offsets.device.type == "cpu"
+                                      and mem.num_heads * mem.embedding_dim == E):
             table = None  # this table is looked up by the module, the rest still fused
         vw, vb, *rest = params
         kw, kb, kn, qn = rest[:4] if kp is not None else (None,) * 4
         cw, cn = rest[-2:] if conv is not None else (None, None)
-        D = vw.shape[0]
         eps = torch.finfo(torch.float32).eps  # RMSNorm's default eps, as in Engram.gate
         lookup = (0, None, 0, None) if table is None else (mem.num_heads, offsets.data_ptr(), mem.num_rows, table.data_ptr())
         weights = (vw.data_ptr(), _ptr(vb), _ptr(kw), _ptr(kb), _ptr(kn), _ptr(qn))
         gate = ((D**0.5) * eps, D**-0.5)
         conv_args = (None, 0, 0, None, 0.0) if conv is None else (
             cw.data_ptr(), conv.kernel_size, conv.dilation, cn.data_ptr(), conv.eps)
-        plan = (lookup, weights, gate, conv_args, 1.0 / D, 0 if conv is None else conv.state_len,
-                None if table is None else mem.num_heads * mem.embedding_dim)
+        plan = (lookup, weights, gate, conv_args, 1.0 / D, 0 if conv is None else conv.state_len, E)
     engram.__dict__["_kernel_plan"] = (key, plan)
     return plan
 
@@ -273,6 +292,8 @@ def engram_step(engram: Engram, hidden_states: torch.Tensor, hash_ids: torch.Ten
     if plan is None:
         return None
     table, weights, gate, conv_args, inv_d, W, table_E = plan
+    if (M, D) != (engram.config.hc_mult, engram.config.hidden_size):
+        return None
     in_kernel = table[3] is not None and hash_ids.dtype == torch.long and hash_ids.device.type == "cpu"
     if in_kernel and hash_ids.shape[-1] != table[0]:
         return None  # the plain path raises on a wrong head count
@@ -292,8 +313,8 @@ def engram_step(engram: Engram, hidden_states: torch.Tensor, hash_ids: torch.Ten
     else:  # every check is done: the storage module's lookup runs once
         e = lookup(hash_ids).float().contiguous()  # (B, 1, E)
         E = e.shape[-1]
-        if e.device.type != "cpu":
-            return None
+        if E != table_E or e.device.type != "cpu":
+            return None  # the plain path raises on a wrong width
         table = (0, None, 0, None)
     hs = hidden_states.contiguous()
     tail = torch.empty(B, W, M * D) if conv_args[0] is not None and state is not None else None  # (B, W, C)

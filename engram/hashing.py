@@ -226,6 +226,7 @@ class NgramHashMapping(nn.Module):
         # pickle of the mapping starts without them.
         state = self.__dict__.copy()
         state["step_listeners"] = []
+        state.pop("_kernel_plan", None)  # engram.cpu_kernels' constants, rebuilt on first use
         return state
 
     @property

@@ -14,7 +14,10 @@ the only path, tested everywhere else); with one, a failed build is a failure.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -258,3 +261,35 @@ def test_branch_kernel_follows_weight_changes():
         assert cpu_kernels.engram_step(eng, h.unsqueeze(2), ids, None, None, eng.lookup) is None  # float64 weights
     eng.float()
     both()
+
+
+_DECODE_SNIPPET = """
+import numpy as np, torch
+from engram import EngramConfig, cpu_kernels
+from engram.module import Engram, EngramLayerState
+cfg = EngramConfig(hidden_size=16, layer_ids=[0], max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2,
+                   engram_vocab_size=[53, 59], pad_id=1)
+eng = Engram(cfg, 0, [[53, 59], [61, 67]]).eval()
+with torch.no_grad():
+    y = eng(torch.randn(1, 1, 16), torch.zeros(1, 1, 4, dtype=torch.long), EngramLayerState())
+print(cpu_kernels.available(), tuple(y.shape))
+"""
+
+
+def _run(env: dict) -> str:
+    res = subprocess.run([sys.executable, "-c", _DECODE_SNIPPET], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_kernels_build_into_the_cache_dir_on_first_use(tmp_path):
+    assert _run({"ENGRAM_CACHE_DIR": str(tmp_path)}) == "True (1, 1, 16)"
+    assert len(list(tmp_path.glob("engram_cpu_*"))) == 1
+    assert _run({"ENGRAM_CACHE_DIR": str(tmp_path)}) == "True (1, 1, 16)"  # reused, not rebuilt
+    assert len(list(tmp_path.glob("engram_cpu_*"))) == 1
+
+
+@pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"ENGRAM_CPU_KERNELS": "0"}])
+def test_without_kernels_everything_runs_the_plain_path(tmp_path, env):
+    assert _run({"ENGRAM_CACHE_DIR": str(tmp_path), **env}) == "False (1, 1, 16)"

@@ -58,6 +58,8 @@ _on = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in ("0", "fa
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "engram_hash_step": [_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P],
+    "engram_hash": [_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P],
+    "engram_mod": [_I, _P, _P, _P],
     "engram_branch_step": [_I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _P, _I, _I,
                            _P, _F, _F, _P, _I, _P, _P, _P],
 }
@@ -174,6 +176,44 @@ def _hash_plan(mapping: NgramHashMapping) -> tuple:
         plan = (mapping.compressed, mapping.pad_id, consts, shape, (mult, primes, lookup), tuple(mapping.layer_ids))
         mapping.__dict__["_kernel_plan"] = plan
     return plan
+
+
+def hash_compressed(mapping: NgramHashMapping, full: torch.Tensor, T: int, workers: int = 1) -> torch.Tensor | None:
+    """Hash ids of :meth:`NgramHashMapping.hash_compressed` in C; ``None`` when the kernels are unavailable.
+
+    ``full (B, N-1+T)`` CPU compressed ids, history first. Returns ``(L, B, T, H)``,
+    bit-identical to the torch paths. With ``workers > 1`` the time axis is split over the
+    package's thread pool (the C calls release the GIL and write disjoint slices).
+    """
+    lib = library()
+    if lib is None or full.device.type != "cpu":
+        return None
+    _, _, _, (L, N, K, H), (mult, primes, _), _ = _hash_plan(mapping)
+    full = full.to(torch.long).contiguous()
+    B = full.shape[0]
+    out = torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
+    args = (full.data_ptr(), L, N, K, mult.data_ptr(), primes.data_ptr(), out.data_ptr())
+    if workers < 2:
+        rcs = [lib.engram_hash(B, T, 0, T, *args)]
+    else:
+        from .threads import pool
+
+        cuts = [T * i // workers for i in range(workers + 1)]
+        rcs = list(pool(workers).map(lambda i: lib.engram_hash(B, T, cuts[i], cuts[i + 1], *args), range(workers)))
+    if any(rcs):
+        raise MemoryError("engram: the CPU hash kernel could not allocate its constants")
+    return out
+
+
+def residues(mixes: torch.Tensor, primes: torch.Tensor) -> torch.Tensor:
+    """``mixes mod primes`` (int64, same shape, non-negative) by the kernels' modulo; for tests."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available here")
+    x, p = mixes.to(torch.long).contiguous(), primes.to(torch.long).expand_as(mixes).contiguous()
+    out = torch.empty_like(x)
+    lib.engram_mod(x.numel(), x.data_ptr(), p.data_ptr(), out.data_ptr())
+    return out
 
 
 def hash_step(mapping: NgramHashMapping, input_ids: torch.Tensor, history: torch.Tensor | None,

@@ -40,7 +40,7 @@ _CPU_CHUNK_ELEMENTS = 131072
 _FAST_MIN_TOKENS = 512
 # Up to this many tokens on the CPU (decode steps), Python integers beat a dozen tiny torch ops.
 _SCALAR_MAX_TOKENS = 16
-_METHODS = ("auto", "fast", "plain", "scalar")
+_METHODS = ("auto", "kernel", "fast", "plain", "scalar")
 # From this many CPU tokens the hash is split along time over torch's intra-op thread count, each
 # slice on one Python thread with single-threaded ops (the ops release the GIL).
 _PARALLEL_MIN_TOKENS = 8192
@@ -251,8 +251,10 @@ class NgramHashMapping(nn.Module):
                         method: str = "auto") -> dict[int, torch.Tensor]:
         """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them.
 
-        ``method``: ``"fast"``, ``"plain"``, ``"scalar"`` (Python ints) or ``"auto"`` (scalar up to
-        16 CPU tokens, fast from 512 tokens up, else plain); all give the same rows.
+        ``method``: ``"kernel"`` (the C kernel of :mod:`engram.cpu_kernels`, CPU), ``"fast"``,
+        ``"plain"``, ``"scalar"`` (Python ints) or ``"auto"`` (on the CPU the kernel when it is
+        available; else scalar up to 16 CPU tokens, fast from 512 tokens up, plain otherwise);
+        all give the same rows.
         """
         if method not in _METHODS:
             raise ValueError(f"method={method!r} must be one of {_METHODS}")
@@ -260,6 +262,15 @@ class NgramHashMapping(nn.Module):
         if history is None:
             history = self.initial_history(B, x.device)
         full = torch.cat([history.to(x.device, torch.long), x.long()], dim=1)  # (B, N-1+T)
+        if method in ("auto", "kernel") and full.device.type == "cpu":
+            workers = torch.get_num_threads() if B * T >= _PARALLEL_MIN_TOKENS else 1
+            rows = cpu_kernels.hash_compressed(self, full, T, workers)  # (L, B, T, H)
+            if rows is not None:
+                return {lid: rows[i] for i, lid in enumerate(self.layer_ids)}
+        if method == "kernel":
+            raise RuntimeError(
+                "method='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.cpu_kernels)"
+            )
         if method == "auto":
             if full.device.type == "cpu" and B * T <= _SCALAR_MAX_TOKENS:
                 method = "scalar"

@@ -69,6 +69,41 @@ def test_hash_step_kernel_is_bit_identical(sizes, max_ngram, B, T):
             assert torch.equal(got[1], want[1])
 
 
+def test_kernel_modulo_equals_torch_remainder_on_adversarial_int64():
+    from test_perf_paths import adversarial_mixes
+
+    x = adversarial_mixes()
+    for p in (2, 3, 211, 646_403, 2**31 - 1, 2**34 - 41, 2**61 - 1, 2**63 - 25):
+        assert torch.equal(cpu_kernels.residues(x, torch.tensor(p)), torch.remainder(x, p)), p
+
+
+@pytest.mark.parametrize("sizes,max_ngram", [((211, 307), 3), ((2**33, 2**34), 3), ((1009, 1013, 1019), 4)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 9000)])  # the last is split over threads
+def test_bulk_hash_kernel_is_bit_identical(sizes, max_ngram, shape):
+    m = mapping(sizes, max_ngram)
+    g = torch.Generator().manual_seed(shape[1])
+    ids = torch.randint(-3, 97, shape, generator=g)
+    hist = m.compress(torch.randint(0, 97, (shape[0], m.history_len), generator=g))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for h in (None, hist):
+            got = m.hash_compressed(m.compress(ids), h, method="kernel")
+            want = m.hash_compressed(m.compress(ids), h, method="plain")
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_hash_kernel_method_without_kernels_is_a_clear_error():
+    m = mapping()
+    with cpu_kernels.enabled(False):
+        with pytest.raises(RuntimeError, match="kernel"):
+            m.hash(torch.ones(1, 3, dtype=torch.long), method="kernel")
+        assert torch.equal(m.hash(torch.ones(1, 3, dtype=torch.long))[0],
+                           m.hash(torch.ones(1, 3, dtype=torch.long), method="plain")[0])
+
+
 def test_hash_step_kernel_leaves_bad_ids_to_the_plain_error():
     m = mapping()
     assert cpu_kernels.hash_step(m, torch.full((1, 1), 97), None, None) is None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram import EngramConfig
+from engram import EngramConfig, cpu_kernels
 from engram.bench import numpy_hash
 from engram.hashing import NgramHashMapping, split_plan
 from engram.model import EngramGPT, GPTConfig
@@ -100,11 +100,12 @@ def test_fast_hash_equals_plain_and_numpy_oracle(shape):
     m = mapping((5003, 7001))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, shape, generator=g)
-    paths = {k: m.hash(ids, method=k) for k in ("fast", "plain", "scalar", "auto")}
+    methods = ("fast", "plain", "scalar", "auto") + (("kernel",) if cpu_kernels.available() else ())
+    paths = {k: m.hash(ids, method=k) for k in methods}
     ref = numpy_hash(m, ids.numpy())
     for lid in m.layer_ids:
         assert paths["fast"][lid].shape == (*shape, m.config.n_heads_total)
-        for k in ("fast", "scalar", "auto"):
+        for k in methods:
             assert torch.equal(paths[k][lid], paths["plain"][lid]), k
         assert np.array_equal(paths["fast"][lid].numpy(), ref[lid])
     # with a history: the second half hashed after the first equals hashing it whole

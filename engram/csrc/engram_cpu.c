@@ -23,53 +23,111 @@ static float dotf(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* Compress, hash and advance the history (DESIGN.md §2.4, int64 wrapping as in the reference).
+/* x mod p for a signed 64-bit x and 0 < p < 2^63, non-negative (Python's %, DESIGN.md §2.4).
+ * With 128-bit products: Barrett reduction, m = floor((2^64-1)/p) precomputed, so the quotient
+ * estimate floor(|x|*m / 2^64) is q or q-1 and one conditional subtraction makes it exact.
+ * Otherwise the hardware division. tests/test_cpu_kernels.py checks it on adversarial values. */
+#ifdef __SIZEOF_INT128__
+static inline int64_t mod_p(int64_t x, uint64_t p, uint64_t m) {
+    const uint64_t u = x < 0 ? (uint64_t)0 - (uint64_t)x : (uint64_t)x; /* |x|, exact even for INT64_MIN */
+    uint64_t r = u - (uint64_t)(((unsigned __int128)u * m) >> 64) * p;
+    if (r >= p) r -= p;
+    return (int64_t)(x < 0 && r ? p - r : r);
+}
+#else
+static inline int64_t mod_p(int64_t x, uint64_t p, uint64_t m) {
+    (void)m;
+    const int64_t r = x % (int64_t)p;
+    return r < 0 ? r + (int64_t)p : r;
+}
+#endif
+
+/* Residues of n signed mixes by n primes (a test hook for mod_p): out[i] = x[i] mod p[i]. */
+void engram_mod(int64_t n, const int64_t *x, const int64_t *p, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = mod_p(x[i], (uint64_t)p[i], UINT64_MAX / (uint64_t)p[i]);
+}
+
+/* Hash positions [t0, t1) of B rows of compressed ids: row b is full[b*row_len ...], N-1 ids of
+ * history then T; output position t reads full[b*row_len + t .. t+N-1]. mult (L, N), primes and
+ * magic (L, H); out (L, B, T, H). The reference's wrapping int64 product and xor, in uint64. */
+static void hash_rows(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_t *full, int64_t row_len,
+                      int64_t L, int64_t N, int64_t K, const int64_t *mult, const int64_t *primes,
+                      const uint64_t *magic, int64_t *out) {
+    const int64_t H = (N - 1) * K;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *ml = mult + l * N, *pl = primes + l * H;
+        const uint64_t *mg = magic + l * H;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t *row = full + b * row_len + (N - 1);
+            for (int64_t t = t0; t < t1; t++) {
+                int64_t *o = out + ((l * B + b) * T + t) * H;
+                uint64_t mix = 0;
+                for (int64_t k = 0; k < N; k++) {
+                    mix ^= (uint64_t)row[t - k] * (uint64_t)ml[k];
+                    if (k >= 1)
+                        for (int64_t j = 0; j < K; j++)
+                            o[(k - 1) * K + j] = mod_p((int64_t)mix, (uint64_t)pl[(k - 1) * K + j], mg[(k - 1) * K + j]);
+                }
+            }
+        }
+    }
+}
+
+static uint64_t *magics(int64_t n, const int64_t *primes) {
+    uint64_t *m = (uint64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(uint64_t));
+    for (int64_t i = 0; m && i < n; i++) m[i] = UINT64_MAX / (uint64_t)primes[i];
+    return m;
+}
+
+/* Hash already compressed ids (NgramHashMapping.hash_compressed): full (B, row_len) with
+ * row_len = N-1+T (history then ids), positions [t0, t1) of out (L, B, T, H). Several calls on
+ * disjoint [t0, t1) may run at once (threads). Returns 0, or 2 when out of memory. */
+int engram_hash(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_t *full, int64_t L, int64_t N, int64_t K,
+                const int64_t *mult, const int64_t *primes, int64_t *out) {
+    uint64_t *magic = magics(L * (N - 1) * K, primes);
+    if (!magic) return 2;
+    hash_rows(B, T, t0, t1, full, N - 1 + T, L, N, K, mult, primes, magic, out);
+    free(magic);
+    return 0;
+}
+
+/* Compress, hash and advance the history (NgramHashMapping.hash_step, a few tokens).
  *
  * ids (B, T) raw ids; lookup (vocab) compression table; hist (B, hist_len) compressed history
  * (the last N-1 are read) or NULL for a pad-filled start; mask (B, T) bytes, 0 = padding (reads
  * as pad), or NULL; mult (L, N); primes (L, H). Writes out (L, B, T, H) and next_hist (B, N-1).
- * Returns 0, or 1 when an id is >= vocab (nothing meaningful written; the caller raises).
- * Negative ids pass through compression unchanged, as in the reference. */
+ * Returns 0, 1 when an id is >= vocab (nothing meaningful written; the caller raises), 2 when
+ * out of memory. Negative ids pass through compression unchanged, as in the reference. */
 int engram_hash_step(int64_t B, int64_t T, const int64_t *ids, const int64_t *lookup, int64_t vocab,
                      const int64_t *hist, int64_t hist_len, const uint8_t *mask, int64_t pad,
                      int64_t L, int64_t N, int64_t K, const int64_t *mult, const int64_t *primes,
                      int64_t *out, int64_t *next_hist) {
-    const int64_t h = N - 1, H = (N - 1) * K, len = h + T;
-    int64_t *win = (int64_t *)malloc((size_t)(len > 0 ? len : 1) * sizeof(int64_t));
-    if (!win) return 2;
+    const int64_t h = N - 1, len = h + T;
+    int64_t *full = (int64_t *)malloc((size_t)(B * len > 0 ? B * len : 1) * sizeof(int64_t));
+    uint64_t *magic = magics(L * h * K, primes);
+    if (!full || !magic) {
+        free(full);
+        free(magic);
+        return 2;
+    }
     for (int64_t b = 0; b < B; b++) {
+        int64_t *win = full + b * len;
         for (int64_t i = 0; i < h; i++) win[i] = hist ? hist[b * hist_len + hist_len - h + i] : pad;
         for (int64_t t = 0; t < T; t++) {
             int64_t v = ids[b * T + t];
             if (v >= vocab) {
-                free(win);
+                free(full);
+                free(magic);
                 return 1;
             }
             v = v >= 0 ? lookup[v] : v;
             win[h + t] = (mask && !mask[b * T + t]) ? pad : v;
         }
         for (int64_t i = 0; i < h; i++) next_hist[b * h + i] = win[T + i];
-        for (int64_t l = 0; l < L; l++) {
-            const int64_t *ml = mult + l * N, *pl = primes + l * H;
-            for (int64_t t = 0; t < T; t++) {
-                int64_t *o = out + ((l * B + b) * T + t) * H;
-                uint64_t mix = 0;
-                for (int64_t k = 0; k < N; k++) {
-                    /* unsigned arithmetic: the wrapping int64 product and xor of the reference */
-                    mix ^= (uint64_t)win[h + t - k] * (uint64_t)ml[k];
-                    if (k >= 1) {
-                        const int64_t s = (int64_t)mix;
-                        const int64_t *p = pl + (k - 1) * K;
-                        for (int64_t j = 0; j < K; j++) {
-                            int64_t r = s % p[j];
-                            o[(k - 1) * K + j] = r < 0 ? r + p[j] : r; /* non-negative, as Python's % */
-                        }
-                    }
-                }
-            }
-        }
     }
-    free(win);
+    hash_rows(B, T, 0, T, full, len, L, N, K, mult, primes, magic, out);
+    free(full);
+    free(magic);
     return 0;
 }
 

@@ -33,11 +33,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
 
 from .memory import MultiHeadEmbedding
+from .threads import pool
 
 if TYPE_CHECKING:  # module.py and hashing.py import this file
     from .hashing import NgramHashMapping
@@ -55,13 +56,13 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _on = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
-    "engram_hash_step": [_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P],
-    "engram_hash": [_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P],
-    "engram_mod": [_I, _P, _P, _P],
-    "engram_branch_step": [_I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _P, _I, _I,
-                           _P, _F, _F, _P, _I, _P, _P, _P],
+_P, _I, _F, _RC = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # name: (argument types, return type)
+    "engram_hash_step": ([_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P], _RC),
+    "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P], None),
+    "engram_mod": ([_I, _P, _P, _P], None),
+    "engram_branch_step": ([_I, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _P, _I, _I,
+                            _P, _F, _F, _P, _I, _P, _P, _P], _RC),
 }
 
 
@@ -127,9 +128,9 @@ def library() -> ctypes.CDLL | None:
         else:
             try:
                 lib = ctypes.CDLL(str(path))
-                for name, argtypes in _SIGNATURES.items():
+                for name, (argtypes, restype) in _SIGNATURES.items():
                     fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                    fn.argtypes, fn.restype = argtypes, restype
                 _lib = lib
             except (OSError, AttributeError) as err:
                 log.info("engram: could not load the CPU decode kernels (%s); using the plain torch path", err)
@@ -158,22 +159,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ hash step
-def _hash_plan(mapping: NgramHashMapping) -> tuple:
-    """The hash step's constant arguments, built once per mapping (and per compression table).
+class _HashPlan(NamedTuple):
+    """A mapping's constant hash arguments (CPU tensors this plan owns, so no pointer goes stale)."""
 
-    Holds its own CPU copies of the multipliers and primes (the mapping's buffers may move to
-    an accelerator) and the compression table, so no pointer can go stale.
+    compressed: object  # the CompressedTokenizer it was built for
+    pad: int
+    lookup: torch.Tensor  # (V,) int64 compression table
+    mult: torch.Tensor  # (L, N)
+    primes: torch.Tensor  # (L, H)
+    magic: torch.Tensor  # (L, H) floor((2**64-1)/p) as uint64 bits, for the kernel's Barrett modulo
+    layer_ids: tuple[int, ...]
+    N: int
+    K: int
+
+
+def _hash_plan(mapping: NgramHashMapping) -> _HashPlan:
+    """The hash's constant arguments, built once per mapping (and per compression table).
+
+    Its own CPU copies of the multipliers and primes: the mapping's buffers may move to an
+    accelerator.
     """
     plan = mapping.__dict__.get("_kernel_plan")
-    if plan is None or plan[0] is not mapping.compressed or plan[1] != mapping.pad_id:
+    if plan is None or plan.compressed is not mapping.compressed or plan.pad != mapping.pad_id:
         cfg = mapping.config
-        mult = torch.tensor([mapping.multipliers[lid] for lid in mapping.layer_ids], dtype=torch.long)  # (L, N)
-        primes = torch.tensor([[p for order in mapping.table_sizes[lid] for p in order] for lid in mapping.layer_ids],
-                              dtype=torch.long)  # (L, H)
-        lookup = torch.from_numpy(mapping.compressed.lookup_table)  # (V,) int64, shares memory
-        consts = (lookup.data_ptr(), lookup.shape[0])
-        shape = (len(mapping.layer_ids), cfg.max_ngram_size, cfg.n_head_per_ngram, cfg.n_heads_total)
-        plan = (mapping.compressed, mapping.pad_id, consts, shape, (mult, primes, lookup), tuple(mapping.layer_ids))
+        primes = [[p for order in mapping.table_sizes[lid] for p in order] for lid in mapping.layer_ids]
+        magic = [[m - 2**64 if m >= 2**63 else m for m in ((2**64 - 1) // p for p in row)] for row in primes]
+        plan = _HashPlan(
+            compressed=mapping.compressed, pad=mapping.pad_id, lookup=mapping.compressed.table_on("cpu"),
+            mult=torch.tensor([mapping.multipliers[lid] for lid in mapping.layer_ids], dtype=torch.long),
+            primes=torch.tensor(primes, dtype=torch.long), magic=torch.tensor(magic, dtype=torch.long),
+            layer_ids=tuple(mapping.layer_ids), N=cfg.max_ngram_size, K=cfg.n_head_per_ngram,
+        )
         mapping.__dict__["_kernel_plan"] = plan
     return plan
 
@@ -188,20 +204,18 @@ def hash_compressed(mapping: NgramHashMapping, full: torch.Tensor, T: int, worke
     lib = library()
     if lib is None or full.device.type != "cpu":
         return None
-    _, _, _, (L, N, K, H), (mult, primes, _), _ = _hash_plan(mapping)
+    plan = _hash_plan(mapping)
+    L, H = plan.primes.shape
     full = full.to(torch.long).contiguous()
     B = full.shape[0]
     out = torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
-    args = (full.data_ptr(), L, N, K, mult.data_ptr(), primes.data_ptr(), out.data_ptr())
+    args = (full.data_ptr(), L, plan.N, plan.K, plan.mult.data_ptr(), plan.primes.data_ptr(), plan.magic.data_ptr(),
+            out.data_ptr())
     if workers < 2:
-        rcs = [lib.engram_hash(B, T, 0, T, *args)]
+        lib.engram_hash(B, T, 0, T, *args)
     else:
-        from .threads import pool
-
         cuts = [T * i // workers for i in range(workers + 1)]
-        rcs = list(pool(workers).map(lambda i: lib.engram_hash(B, T, cuts[i], cuts[i + 1], *args), range(workers)))
-    if any(rcs):
-        raise MemoryError("engram: the CPU hash kernel could not allocate its constants")
+        list(pool(workers).map(lambda i: lib.engram_hash(B, T, cuts[i], cuts[i + 1], *args), range(workers)))
     return out
 
 
@@ -230,7 +244,8 @@ def hash_step(mapping: NgramHashMapping, input_ids: torch.Tensor, history: torch
         return None
     if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.device.type != "cpu"):
         return None
-    _, pad, (lookup, vocab), (L, N, K, H), (mult, primes, _), layer_ids = _hash_plan(mapping)
+    plan = _hash_plan(mapping)
+    (L, H), N = plan.primes.shape, plan.N
     B, T = input_ids.shape
     if history is not None and (history.shape[0] != B or history.shape[1] < N - 1):
         return None
@@ -240,14 +255,15 @@ def hash_step(mapping: NgramHashMapping, input_ids: torch.Tensor, history: torch
     out = torch.empty(B, T, H, dtype=torch.long) if L == 1 else torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
     nxt = torch.empty(B, N - 1, dtype=torch.long)  # (B, N-1)
     rc = lib.engram_hash_step(
-        B, T, input_ids.data_ptr(), lookup, vocab, _ptr(history), 0 if history is None else history.shape[1],
-        _ptr(token_mask), pad, L, N, K, mult.data_ptr(), primes.data_ptr(), out.data_ptr(), nxt.data_ptr(),
+        B, T, input_ids.data_ptr(), plan.lookup.data_ptr(), plan.lookup.shape[0], _ptr(history),
+        0 if history is None else history.shape[1], _ptr(token_mask), plan.pad, L, N, plan.K,
+        plan.mult.data_ptr(), plan.primes.data_ptr(), plan.magic.data_ptr(), out.data_ptr(), nxt.data_ptr(),
     )
     if rc != 0:
-        return None
+        return None  # an id outside the tokenizer (or no memory): the plain path raises its usual error
     if L == 1:
-        return {layer_ids[0]: out}, nxt
-    return {lid: out[i] for i, lid in enumerate(layer_ids)}, nxt
+        return {plan.layer_ids[0]: out}, nxt
+    return {lid: out[i] for i, lid in enumerate(plan.layer_ids)}, nxt
 
 
 # ------------------------------------------------------------------------------------ Engram branch
@@ -255,7 +271,26 @@ def _hooked(*modules: torch.nn.Module | None) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
-def _branch_plan(engram: Engram) -> tuple | None:
+class _BranchPlan(NamedTuple):
+    """A branch's constant kernel arguments (pointers, sizes, constants), in the kernel's order."""
+
+    table: tuple  # (H, offsets, num_rows, table) of a plain table the kernel reads, or (0, None, 0, None)
+    weights: tuple  # value weight and bias, key weight and bias, key and query norm weights
+    gate: tuple  # float(sqrt(D) * eps), float(D**-0.5)
+    conv: tuple  # conv weight, kernel size, dilation, norm weight, eps; (None, 0, 0, None, 0.0) without
+    inv_d: float
+    W: int  # conv history rows (0 without a conv)
+    E: int  # memory width
+
+    @property
+    def reads_table(self) -> bool:
+        return self.table[3] is not None
+
+
+_NO_TABLE = (0, None, 0, None)
+
+
+def _branch_plan(engram: Engram) -> _BranchPlan | None:
     """The branch's weight arguments, or ``None`` when the kernel does not apply to this module.
 
     Read through the module dicts (no ``nn.Module.__getattr__``) on every call, so swapped
@@ -300,12 +335,14 @@ def _branch_plan(engram: Engram) -> tuple | None:
         kw, kb, kn, qn = rest[:4] if kp is not None else (None,) * 4
         cw, cn = rest[-2:] if conv is not None else (None, None)
         eps = torch.finfo(torch.float32).eps  # RMSNorm's default eps, as in Engram.gate
-        lookup = (0, None, 0, None) if table is None else (mem.num_heads, offsets.data_ptr(), mem.num_rows, table.data_ptr())
-        weights = (vw.data_ptr(), _ptr(vb), _ptr(kw), _ptr(kb), _ptr(kn), _ptr(qn))
-        gate = ((D**0.5) * eps, D**-0.5)
-        conv_args = (None, 0, 0, None, 0.0) if conv is None else (
-            cw.data_ptr(), conv.kernel_size, conv.dilation, cn.data_ptr(), conv.eps)
-        plan = (lookup, weights, gate, conv_args, 1.0 / D, 0 if conv is None else conv.state_len, E)
+        plan = _BranchPlan(
+            table=_NO_TABLE if table is None else (mem.num_heads, offsets.data_ptr(), mem.num_rows, table.data_ptr()),
+            weights=(vw.data_ptr(), _ptr(vb), _ptr(kw), _ptr(kb), _ptr(kn), _ptr(qn)),
+            gate=((D**0.5) * eps, D**-0.5),
+            conv=(None, 0, 0, None, 0.0) if conv is None else (
+                cw.data_ptr(), conv.kernel_size, conv.dilation, cn.data_ptr(), conv.eps),
+            inv_d=1.0 / D, W=0 if conv is None else conv.state_len, E=E,
+        )
     engram.__dict__["_kernel_plan"] = (key, plan)
     return plan
 
@@ -331,10 +368,10 @@ def engram_step(engram: Engram, hidden_states: torch.Tensor, hash_ids: torch.Ten
     plan = _branch_plan(engram)
     if plan is None:
         return None
-    table, weights, gate, conv_args, inv_d, W, table_E = plan
     if (M, D) != (engram.config.hc_mult, engram.config.hidden_size):
         return None
-    in_kernel = table[3] is not None and hash_ids.dtype == torch.long and hash_ids.device.type == "cpu"
+    W, table = plan.W, plan.table
+    in_kernel = plan.reads_table and hash_ids.dtype == torch.long and hash_ids.device.type == "cpu"
     if in_kernel and hash_ids.shape[-1] != table[0]:
         return None  # the plain path raises on a wrong head count
     past = None
@@ -349,19 +386,18 @@ def engram_step(engram: Engram, hidden_states: torch.Tensor, hash_ids: torch.Ten
         token_mask = token_mask.contiguous()
     e = ids = None
     if in_kernel:
-        ids, E = hash_ids.contiguous(), table_E
+        ids = hash_ids.contiguous()
     else:  # every check is done: the storage module's lookup runs once
         e = lookup(hash_ids).float().contiguous()  # (B, 1, E)
-        E = e.shape[-1]
-        if E != table_E or e.device.type != "cpu":
+        if e.shape[-1] != plan.E or e.device.type != "cpu":
             return None  # the plain path raises on a wrong width
-        table = (0, None, 0, None)
+        table = _NO_TABLE
     hs = hidden_states.contiguous()
-    tail = torch.empty(B, W, M * D) if conv_args[0] is not None and state is not None else None  # (B, W, C)
+    tail = torch.empty(B, W, M * D) if plan.conv[0] is not None and state is not None else None  # (B, W, C)
     out = torch.empty(B, 1, M, D)  # (B, 1, M, D)
     rc = lib.engram_branch_step(
-        B, M, D, E, _ptr(e), _ptr(ids), *table, *weights, hs.data_ptr(), *gate, *conv_args, inv_d,
-        _ptr(past), 0 if past is None else past.shape[1], _ptr(token_mask), _ptr(tail), out.data_ptr(),
+        B, M, D, plan.E, _ptr(e), _ptr(ids), *table, *plan.weights, hs.data_ptr(), *plan.gate, *plan.conv,
+        plan.inv_d, _ptr(past), 0 if past is None else past.shape[1], _ptr(token_mask), _ptr(tail), out.data_ptr(),
     )
     if rc == 1:
         return None  # a row outside the table: the plain path raises its usual error

@@ -436,7 +436,7 @@ class NgramHashMapping(nn.Module):
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         return self.hash_compressed(self.compress(input_ids), history, method)
 
-    @torch.compiler.disable  # Python-int hashing: compiled models (torch.compile) run it eagerly
+    @torch.compiler.disable  # C kernel / Python-int hashing: compiled models (torch.compile) run it eagerly
     def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
                   token_mask: torch.Tensor | None = None,
                   keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -452,7 +452,8 @@ class NgramHashMapping(nn.Module):
                 last N-1 (a cache recording its past so it can be cropped back).
 
         Returns ``({layer_id: (B, T, H)}, next history)``. A few CPU tokens (a decode step)
-        take one Python-int pass instead of ~10 small tensor ops; the result is the same.
+        take one call of the C kernel (:mod:`engram.cpu_kernels`), or one Python-int pass where
+        it is unavailable, instead of ~10 small tensor ops; the result is the same.
         Every function in :attr:`step_listeners` is then called with the hash ids.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ from engram import EngramConfig, cpu_kernels
 from engram.hashing import NgramHashMapping
 from engram.model import EngramGPT, GPTConfig
 from engram.module import Engram, EngramLayerState
-from engram.tokenizer import CompressedTokenizer
+from test_perf_paths import adversarial_mixes, mapping, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,16 +36,6 @@ def kernels():
     with cpu_kernels.enabled(True):
         assert cpu_kernels.available(), "a C compiler is present but the kernels did not build or load"
         yield
-
-
-def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
-    return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
-
-
-def mapping(sizes=(211, 307), max_ngram=3) -> NgramHashMapping:
-    cfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], max_ngram_size=max_ngram, n_embed_per_ngram=16,
-                       n_head_per_ngram=4, engram_vocab_size=list(sizes), pad_id=1, seed=3)
-    return NgramHashMapping(cfg, tiny_tokenizer())
 
 
 # ------------------------------------------------------------------------------------ hash step
@@ -70,8 +59,6 @@ def test_hash_step_kernel_is_bit_identical(sizes, max_ngram, B, T):
 
 
 def test_kernel_modulo_equals_torch_remainder_on_adversarial_int64():
-    from test_perf_paths import adversarial_mixes
-
     x = adversarial_mixes()
     for p in (2, 3, 211, 646_403, 2**31 - 1, 2**34 - 41, 2**61 - 1, 2**63 - 25):
         assert torch.equal(cpu_kernels.residues(x, torch.tensor(p)), torch.remainder(x, p)), p

@@ -39,8 +39,8 @@ def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
     return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
 
 
-def mapping(sizes=(211, 307), **kw) -> NgramHashMapping:
-    cfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], max_ngram_size=3, n_embed_per_ngram=16,
+def mapping(sizes=(211, 307), max_ngram: int = 3, **kw) -> NgramHashMapping:
+    cfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], max_ngram_size=max_ngram, n_embed_per_ngram=16,
                        n_head_per_ngram=4, engram_vocab_size=list(sizes), pad_id=1, seed=3, **kw)
     return NgramHashMapping(cfg, tiny_tokenizer())
 

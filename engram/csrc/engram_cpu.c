@@ -73,43 +73,30 @@ static void hash_rows(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_
     }
 }
 
-static uint64_t *magics(int64_t n, const int64_t *primes) {
-    uint64_t *m = (uint64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(uint64_t));
-    for (int64_t i = 0; m && i < n; i++) m[i] = UINT64_MAX / (uint64_t)primes[i];
-    return m;
-}
-
 /* Hash already compressed ids (NgramHashMapping.hash_compressed): full (B, row_len) with
- * row_len = N-1+T (history then ids), positions [t0, t1) of out (L, B, T, H). Several calls on
- * disjoint [t0, t1) may run at once (threads). Returns 0, or 2 when out of memory. */
-int engram_hash(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_t *full, int64_t L, int64_t N, int64_t K,
-                const int64_t *mult, const int64_t *primes, int64_t *out) {
-    uint64_t *magic = magics(L * (N - 1) * K, primes);
-    if (!magic) return 2;
+ * row_len = N-1+T (history then ids), positions [t0, t1) of out (L, B, T, H); magic (L, H) is
+ * floor((2^64-1)/p) of every prime (the caller computes it once). Several calls on disjoint
+ * [t0, t1) may run at once (threads). */
+void engram_hash(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_t *full, int64_t L, int64_t N, int64_t K,
+                 const int64_t *mult, const int64_t *primes, const uint64_t *magic, int64_t *out) {
     hash_rows(B, T, t0, t1, full, N - 1 + T, L, N, K, mult, primes, magic, out);
-    free(magic);
-    return 0;
 }
 
 /* Compress, hash and advance the history (NgramHashMapping.hash_step, a few tokens).
  *
  * ids (B, T) raw ids; lookup (vocab) compression table; hist (B, hist_len) compressed history
  * (the last N-1 are read) or NULL for a pad-filled start; mask (B, T) bytes, 0 = padding (reads
- * as pad), or NULL; mult (L, N); primes (L, H). Writes out (L, B, T, H) and next_hist (B, N-1).
+ * as pad), or NULL; mult (L, N); primes and magic (L, H) as in engram_hash. Writes out (L, B, T, H)
+ * and next_hist (B, N-1).
  * Returns 0, 1 when an id is >= vocab (nothing meaningful written; the caller raises), 2 when
  * out of memory. Negative ids pass through compression unchanged, as in the reference. */
 int engram_hash_step(int64_t B, int64_t T, const int64_t *ids, const int64_t *lookup, int64_t vocab,
                      const int64_t *hist, int64_t hist_len, const uint8_t *mask, int64_t pad,
                      int64_t L, int64_t N, int64_t K, const int64_t *mult, const int64_t *primes,
-                     int64_t *out, int64_t *next_hist) {
+                     const uint64_t *magic, int64_t *out, int64_t *next_hist) {
     const int64_t h = N - 1, len = h + T;
     int64_t *full = (int64_t *)malloc((size_t)(B * len > 0 ? B * len : 1) * sizeof(int64_t));
-    uint64_t *magic = magics(L * h * K, primes);
-    if (!full || !magic) {
-        free(full);
-        free(magic);
-        return 2;
-    }
+    if (!full) return 2;
     for (int64_t b = 0; b < B; b++) {
         int64_t *win = full + b * len;
         for (int64_t i = 0; i < h; i++) win[i] = hist ? hist[b * hist_len + hist_len - h + i] : pad;
@@ -117,7 +104,6 @@ int engram_hash_step(int64_t B, int64_t T, const int64_t *ids, const int64_t *lo
             int64_t v = ids[b * T + t];
             if (v >= vocab) {
                 free(full);
-                free(magic);
                 return 1;
             }
             v = v >= 0 ? lookup[v] : v;
@@ -127,7 +113,6 @@ int engram_hash_step(int64_t B, int64_t T, const int64_t *ids, const int64_t *lo
     }
     hash_rows(B, T, 0, T, full, len, L, N, K, mult, primes, magic, out);
     free(full);
-    free(magic);
     return 0;
 }
 

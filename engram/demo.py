@@ -1,6 +1,8 @@
 """``engram demo``: build an Engram GPT, hash a sentence and run it (no network, no data files).
 
-With no ``--tokenizer`` a small byte-level BPE is trained in a second on this package's own source.
+With no ``--tokenizer`` a small byte-level BPE is trained in a second on a fixed text shipped with
+the package (``engram/assets/tiny_corpus.txt``: the first 120 kB of Tiny Shakespeare, public
+domain), so its vocabulary never changes when the package's code does.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import torch
 
 
 def local_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained on the engram package's sources (a ``PreTrainedTokenizerFast``)."""
+    """A byte-level BPE trained on the package's fixed corpus (a ``PreTrainedTokenizerFast``).
+
+    Deterministic: the same ``vocab_size`` gives the same ids on every machine and version that
+    ships the same ``engram/assets/tiny_corpus.txt``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parent.glob("*.py"))]
+    corpus = Path(__file__).parent / "assets" / "tiny_corpus.txt"
+    text = corpus.read_text(encoding="utf-8").split("\n\n")  # one speech per item
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -11,8 +11,12 @@ that exists only during :meth:`EngramForCausalLM.forward`; the decode state (n-g
 tails) lives in the transformers ``Cache`` (:mod:`engram.hf_cache`).
 
 Left padding: padded positions read as the Engram pad id in the n-gram history and are kept out of
-the conv history (``token_mask``), and positions count real tokens only, so a padded row computes
-what it computes alone.
+the conv history (``token_mask``). ``position_ids`` go to the backbone exactly as given, so the
+wrapper computes what the base model computes for every call form; ``generate`` passes positions
+that count real tokens only, so a padded row generates what it generates alone.
+
+transformers internals the wrapper relies on (the cache argument's name, cache layer classes,
+generation hooks) are reached through :mod:`engram.hf_compat` only.
 
 Save/load: the config (:class:`EngramCausalLMConfig`) holds the base config, the Engram config and
 the compression table + hashing constants, so ``AutoModelForCausalLM.from_pretrained(dir)`` (after
@@ -29,19 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.configuration_utils import SubConfigSpec
+
+from . import hf_compat
+from .hf_compat import Cache, DynamicCache, SubConfigSpec, strict
+from .hf_compat import initialization as init
 
 from .config import EngramConfig
 from .hashing import NgramHashMapping
 from .hf_cache import EngramCacheLayer, engram_cache_layer
 from .hf_families import FamilyAdapter, adapter_for
-from .memory import MultiHeadEmbedding
+from .memory import MultiHeadEmbedding, table_parameters
 from .module import Engram, ShortConv
 from .tokenizer import CompressedTokenizer
 
@@ -317,7 +321,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """Engram embedding tables (their own optimizer group; see :func:`engram.optim.build_optimizer`)."""
-        return [m.memory.embedding.weight for m in self.engram.values()]
+        return table_parameters(m.memory for m in self.engram.values())
 
     def dense_parameters(self) -> list[nn.Parameter]:
         table_ids = {id(p) for p in self.table_parameters()}
@@ -356,7 +360,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         # Add the Engram entry as soon as generate makes the cache, before the prefill: assisted
         # decoding then asks every layer to record its past (activate_past_recording), ours included.
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = hf_compat.generation_cache(model_kwargs)
         if isinstance(cache, Cache):
             self._engram_cache(cache)
         return out
@@ -424,11 +428,12 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ):
         """The backbone's forward with Engram added; returns the backbone's ``CausalLMOutputWithPast``.
@@ -436,11 +441,15 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: ``(B, T)`` new token ids (required: Engram addresses memory by ids).
             attention_mask: ``(B, S)`` 1 for real tokens, 0 for (left) padding, past included.
-            position_ids: ``(B, T)``; derived from ``attention_mask`` when omitted.
-            past_key_values: a transformers ``Cache``; the Engram decode state is kept inside it.
+            position_ids: ``(B, T)``, handed to the backbone as given (``None`` lets the backbone
+                choose, exactly as without Engram; ``generate`` passes mask-derived positions).
+            cache: a transformers ``Cache``; the Engram decode state is kept inside it.
+                ``past_key_values=`` is the same argument under its pre-5.24 name; either is
+                accepted on every supported transformers (:mod:`engram.hf_compat`).
             inputs_embeds: optional ``(B, T, D)`` embeddings of ``input_ids`` (never alone).
             labels, use_cache, logits_to_keep, kwargs: as for the backbone.
         """
+        cache = hf_compat.take_cache(cache, past_key_values)
         if input_ids is None:
             raise ValueError(
                 "EngramForCausalLM needs input_ids: Engram looks its memory up by token ids, so "
@@ -455,10 +464,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if use_cache is None:
             use_cache = getattr(self._text_config(self.config), "use_cache", True)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.get_text_config(decoder=True))
-        cache = self._engram_cache(past_key_values) if past_key_values is not None else None
-        past = cache.seen if cache is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+        state = self._engram_cache(cache) if cache is not None else None
+        past = state.seen if state is not None else 0
 
         token_mask = None
         if attention_mask is not None:
@@ -467,28 +476,25 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                     f"attention_mask must be 2-D (B, past+new)=({B}, {past + T}), got {tuple(attention_mask.shape)}"
                 )
             token_mask = attention_mask[:, past:].bool()  # (B, T)
-            if position_ids is None:
-                # Count real tokens only, so a left-padded row sees the positions it has alone.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
 
         # {layer: (B, T, H)}; padding reads as the pad history a sequence starts with
-        hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, token_mask,
-                                                   keep_history=cache is not None and cache.record_past)
-        if cache is not None:
-            cache.history = history  # (B, N-1)
-            cache.seen = past + T
+        hash_ids, history = self.hashing.hash_step(input_ids, state.history if state is not None else None, token_mask,
+                                                   keep_history=state is not None and state.record_past)
+        if state is not None:
+            state.history = history  # (B, N-1)
+            state.seen = past + T
 
-        self._step = _Step(hash_ids, token_mask, cache)
+        self._step = _Step(hash_ids, token_mask, state)
         try:
             return self.backbone(
                 input_ids=None if inputs_embeds is not None else input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **{hf_compat.CACHE_KWARG: cache},
                 **kwargs,
             )
         finally:

@@ -18,8 +18,8 @@ attention bookkeeping (mask sizes, offloading, ``is_sliding``) skips it.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DummyLayer
 
+from .hf_compat import Cache, DummyLayer
 from .module import EngramLayerState
 
 
@@ -132,7 +132,7 @@ def engram_cache_layer(cache: Cache, num_decoder_layers: int, history_len: int =
     """
     if not isinstance(cache, Cache):
         raise TypeError(
-            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}"
+            f"the cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}"
         )
     for layer in cache.layers:
         if isinstance(layer, EngramCacheLayer):

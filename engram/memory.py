@@ -8,6 +8,8 @@ same ``forward(hash_ids) -> (B, T, H, d)`` contract (DESIGN.md §5).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,6 +51,12 @@ class MultiHeadEmbedding(nn.Module):
     def num_rows(self) -> int:
         return self.embedding.num_embeddings
 
+    @property
+    def table_weight(self) -> nn.Parameter | None:
+        """The table as an ``nn.Parameter`` ``(N, d)``, or ``None`` where the storage has none
+        (disk or quantised tables; storage-protocol attribute, see :func:`table_parameters`)."""
+        return self.embedding.weight
+
     def reset_parameters(self) -> None:
         if self.embedding.weight.is_meta:
             return
@@ -75,3 +83,10 @@ class MultiHeadEmbedding(nn.Module):
         """``(B, T, H)`` per-head rows -> ``(B, T, H, d)`` looked-up rows."""
         self.check_hash_ids(hash_ids)
         return F.embedding(self.flat_rows(hash_ids), self.embedding.weight, sparse=self.embedding.sparse)
+
+
+def table_parameters(memories: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The table parameters of these storage modules (``engram.memory`` of each Engram layer),
+    skipping storage that holds no parameter (disk, quantised). The one implementation behind
+    ``EngramGPT.table_parameters`` and ``EngramForCausalLM.table_parameters``."""
+    return [w for w in (m.table_weight for m in memories) if w is not None]

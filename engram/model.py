@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from .config import EngramConfig
 from .hashing import NgramHashMapping
+from .memory import table_parameters
 from .module import Engram, EngramLayerState
 from .validation import check_ids
 
@@ -238,8 +239,7 @@ class EngramGPT(nn.Module):
 
         Tables moved to disk or quantised (``engram.offload``) are not parameters and are skipped.
         """
-        tables = (getattr(e.memory, "embedding", None) for e in self.engram_layers())
-        return [t.weight for t in tables if isinstance(t, nn.Embedding)]
+        return table_parameters(e.memory for e in self.engram_layers())
 
     def dense_parameters(self) -> list[nn.Parameter]:
         table_ids = {id(p) for p in self.table_parameters()}

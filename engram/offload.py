@@ -389,6 +389,12 @@ class OffloadedMultiHeadEmbedding(nn.Module):
         """Whether gradients reach the stored table (only plain host tables without cache)."""
         return False
 
+    @property
+    def table_weight(self) -> nn.Parameter | None:
+        """The host table as an ``nn.Parameter`` (plain host storage only), else ``None``."""
+        emb = self._modules.get("embedding")
+        return emb.weight if emb is not None else None
+
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T, H)`` per-head rows -> ``(B, T, H, d)`` rows, equal to the in-memory module's."""
         self.check_hash_ids(hash_ids)

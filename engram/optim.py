@@ -18,6 +18,7 @@ Both keep two fp32 moments per table entry: ``2 * d * 4`` bytes of optimizer sta
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -132,6 +133,73 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, tabl
         if dense:
             opts.append(torch.optim.Adam([{"params": dense, "base_lr": tlr}], lr=tlr, betas=betas, weight_decay=0.0))
     return opts
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one (``build_optimizer``'s list, for code that takes one).
+
+    For trainers that accept a single ``torch.optim.Optimizer`` (the transformers ``Trainer``, an
+    LR scheduler): ``param_groups`` is the concatenation of the inner optimizers' groups (the
+    same dict objects, so a scheduler's ``lr`` writes reach them), ``step`` / ``zero_grad`` run
+    each in turn, and ``state_dict`` holds one state dict per inner optimizer, in order.
+
+    Args:
+        optimizers: the optimizers, e.g. ``build_optimizer(model, lr)``.
+    """
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        if not self.optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in self.optimizers):
+            raise TypeError("CombinedOptimizer needs a non-empty list of torch.optim.Optimizer")
+        # Not Optimizer.__init__ (it would copy the groups): share the inner groups and state.
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = collections.OrderedDict()
+        self._optimizer_step_post_hooks = collections.OrderedDict()
+        self._optimizer_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_state_dict_post_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError("add the group to one of CombinedOptimizer.optimizers")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inner = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
+        if not isinstance(inner, list) or len(inner) != len(self.optimizers):
+            raise ValueError(
+                f"not a CombinedOptimizer state of {len(self.optimizers)} optimizers "
+                f"({[type(o).__name__ for o in self.optimizers]})"
+            )
+        for o, sd in zip(self.optimizers, inner):
+            o.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

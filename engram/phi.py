@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .config import EngramConfig
 from .hf import EngramForCausalLM
+from .hf_compat import strict
 
 __all__ = ["PhiEngramConfig", "PhiEngramForCausalLM"]
 

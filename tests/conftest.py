@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference tokenizer and vectors from ../shared (skipped cleanly when absent)."""
+"""Shared fixtures: the reference tokenizer and hash vectors (tests/fixtures/reference, see its README)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 
 
 @pytest.fixture(scope="session")
 def ref_tokenizer():
     path = REFERENCE / "tokenizer-bpe4096"
-    if not path.exists():
-        pytest.skip("../shared/reference is not present")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -25,8 +22,6 @@ def ref_tokenizer():
 @pytest.fixture(scope="session")
 def ref_vectors():
     path = REFERENCE / "hash_vectors.json"
-    if not path.exists():
-        pytest.skip("../shared/reference is not present")
     return json.loads(path.read_text())["cases"]
 
 

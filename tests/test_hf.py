@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 import engram  # noqa: E402  - registers the Auto classes
 from engram import EngramConfig  # noqa: E402
 from engram.hf import EngramForCausalLM  # noqa: E402
@@ -93,21 +91,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- attach
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "mistral", "phi"])
+FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "phi"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_identity_at_attach(family, tok):
+    """Right after attaching, every call form gives the base model's logits bit for bit: the
+    wrapper hands the backbone exactly what it was given (positions included)."""
     base = tiny_base(family)
     ids, mask = left_padded_batch()
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # the wrapper derives these from the mask
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    forms = {
+        "plain": dict(),
+        "mask": dict(attention_mask=mask),
+        "mask+positions": dict(attention_mask=mask, position_ids=pos),
+        "positions": dict(position_ids=pos),
+        "cache": dict(attention_mask=mask, use_cache=True),
+        "no cache": dict(attention_mask=mask, use_cache=False),
+    }
     with torch.no_grad():
-        ref = base(ids, attention_mask=mask, position_ids=pos).logits
+        refs = {name: base(ids, **kw).logits for name, kw in forms.items()}
         model = EngramForCausalLM.from_base(base, tiny_engram(), tok).eval()
-        out = model(ids, attention_mask=mask).logits
-    assert out.shape == (3, 7, V)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        for name, kw in forms.items():
+            out = model(ids, **kw).logits
+            assert out.shape == (3, 7, V)
+            torch.testing.assert_close(out, refs[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
     assert sorted(model.engram.keys()) == ["0", "2"]
     # ... and the branch is really there: once trained it changes the logits.
     with torch.no_grad():
-        assert (randomise(model)(ids, attention_mask=mask).logits - ref).abs().max() > 1e-3
+        assert (randomise(model)(ids, attention_mask=mask).logits - refs["mask"]).abs().max() > 1e-3
 
 
 def test_training_moves_logits_and_lowers_loss(tok):
@@ -240,15 +252,20 @@ def _check_steps_match_forward(model, ids, mask, out):
     seq = out.sequences
     B, P = ids.shape
     full_mask = torch.cat([mask, mask.new_ones(B, seq.shape[1] - P)], dim=1)
+    pos = (full_mask.cumsum(-1) - 1).clamp_min(0)  # real tokens only, as generate counts them
     with torch.no_grad():
-        full = model(seq, attention_mask=full_mask, use_cache=False).logits
+        full = model(seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
     assert len(out.logits) == seq.shape[1] - P
     for i, step in enumerate(out.logits):
         torch.testing.assert_close(step, full[:, P - 1 + i], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_equals_full_forward_left_padded(family, tok):
+    """The guard for the next transformers release: for every supported family, cached greedy
+    generation with a non-zero Engram branch equals the full forward at every step, and a padded
+    row generates what it generates alone. A lost Engram state (n-gram history, conv tails) moves
+    the logits by far more than the tolerance."""
     model = randomise(EngramForCausalLM.from_base(tiny_base(family), tiny_engram(), tok)).eval()
     ids, mask = left_padded_batch()
     kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -315,6 +332,133 @@ def test_incremental_forward_equals_full_forward(tok):
     state = [layer for layer in cache.layers if isinstance(layer, EngramCacheLayer)]
     assert len(state) == 1 and cache.layers[-1] is state[0] and state[0].seen == ids.shape[1]
     assert model._step is None  # nothing of the call is left on the module
+
+
+def test_cache_under_either_name_and_no_deprecation_warnings(tok, caplog):
+    """``cache=`` (transformers >= 5.24) and ``past_key_values=`` (<= 5.23) are one argument on
+    every supported version; neither the wrapper nor generate triggers a deprecation warning."""
+    import logging
+    import warnings
+
+    from transformers import DynamicCache
+
+    from engram import hf_compat
+
+    model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch(4)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache()
+            first = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True, **{name: cache})
+            assert hf_compat.output_cache(first) is cache
+            rest = model(ids[:, 5:], attention_mask=mask, use_cache=True, **{name: cache}).logits
+            torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=0, atol=1e-4)
+        with pytest.raises(ValueError, match="not both"):
+            model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+    caplog.set_level(logging.WARNING, logger="transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=1)
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=1)
+    bad = [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+    assert not bad, bad
+
+
+def test_prompt_lookup_and_sampling_modes_equal_full_forward(tok):
+    """Prompt-lookup decoding == greedy; top-k/top-p sampling logits == the full forward."""
+    model = randomise(EngramForCausalLM.from_base(tiny_base("qwen3"), tiny_engram(), tok)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, eos_token_id=None)
+    with torch.no_grad():
+        greedy = model.generate(ids, **kw)
+        lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
+    assert torch.equal(lookup, greedy)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=50, top_p=0.9, temperature=0.8,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=1, eos_token_id=None)
+    _check_steps_match_forward(model, ids, torch.ones_like(ids), out)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_table_parameters_is_one_implementation_and_follows_offload(tok, tmp_path):
+    """EngramGPT and EngramForCausalLM share table_parameters; a disk table (no parameter) is
+    skipped and the optimizer builder still works (it crashed with an AttributeError)."""
+    from engram import EngramGPT, GPTConfig, memory
+    from engram.offload import offload
+
+    model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)
+    assert [id(p) for p in model.table_parameters()] == [id(e.memory.embedding.weight) for e in model.engram.values()]
+    assert memory.table_parameters is engram.model.table_parameters
+    offload(model, "disk", path=tmp_path)
+    assert model.table_parameters() == []
+    opts = build_optimizer(model, lr=1e-3)
+    assert len(opts) == 1 and isinstance(opts[0], torch.optim.AdamW)
+    gpt = EngramGPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=D, engram=tiny_engram(layer_ids=[1])), tok)
+    assert [id(p) for p in gpt.table_parameters()] == [id(gpt.engram_layers()[0].memory.embedding.weight)]
+
+
+def _lm_dataset(n: int = 12, T: int = 12):
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(2, 200, (n, T), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+def test_clip_grad_norm_equals_torch_on_dense_gradients():
+    from engram.optim import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for x, y in zip(a, b):
+        x.grad = torch.randn(x.shape, generator=g) * 4
+        y.grad = x.grad.clone()
+    n1 = clip_grad_norm_(a, 1.0)
+    n2 = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    torch.testing.assert_close(n1, n2)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_engram_trainer_trains_sparse_and_dense_tables(tok, tmp_path, sparse):
+    """EngramTrainer (the transformers Trainer with Engram's optimizer groups and sparse-aware
+    clipping) trains tables built with sparse gradients; the stock Trainer cannot (its clipping
+    calls torch's clip_grad_norm_, which has no sparse kernel)."""
+    from transformers import Trainer, TrainingArguments
+
+    from engram.hf_trainer import EngramTrainer
+    from engram.optim import CombinedOptimizer, RowSparseAdam
+
+    torch.manual_seed(0)
+    model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(sparse_grad=sparse), tok)
+    model.train()
+    tables_before = [p.detach().clone() for p in model.table_parameters()]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-3, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = EngramTrainer(model=model, args=args, train_dataset=_lm_dataset())
+    result = trainer.train()
+    combined = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert isinstance(combined, CombinedOptimizer)
+    inner = combined.optimizers
+    assert any(isinstance(o, RowSparseAdam) for o in inner) == sparse
+    table_lrs = {g["lr"] for o in inner[1:] for g in o.param_groups}
+    dense_lrs = {g["lr"] for g in inner[0].param_groups}
+    assert max(table_lrs) == pytest.approx(5 * max(dense_lrs))  # same schedule, 5x for tables
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(norms) == 3 and all(n > 0 for n in norms)
+    moved = [not torch.equal(a, b) for a, b in zip(tables_before, model.table_parameters())]
+    assert all(moved)
+    if sparse:  # the stock Trainer fails on sparse table gradients: the reason EngramTrainer exists
+        plain = Trainer(model=model, args=args, train_dataset=_lm_dataset())
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            plain.train()
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -468,7 +612,7 @@ def test_forward_errors(tok):
 
 
 # ---------------------------------------------------------------------------------------------- docs
-def test_docs_example_runs(tmp_path, monkeypatch, ref_tokenizer):
+def test_docs_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     assert blocks, "docs/transformers.md has no python example"
     monkeypatch.chdir(tmp_path)

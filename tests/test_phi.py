@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 import engram  # noqa: E402,F401  - registers the Auto classes
 from engram.hf import EngramForCausalLM  # noqa: E402
 from engram.phi import PhiEngramConfig, PhiEngramForCausalLM  # noqa: E402

@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from engram import EngramConfig
 from engram.hf import EngramForCausalLM
-from engram.tokenizer import CompressedTokenizer
+from engram.core.tokenizer import CompressedTokenizer
 
 VOCAB, D = 4096, 128
 

@@ -1,9 +1,9 @@
 """Plain NumPy N-gram hashing: the speed baseline and oracle of the fast torch paths.
 
-The implementation lives in :func:`engram.bench.numpy_hash` (``engram bench`` needs it without
+The implementation lives in :func:`engram.cli.bench.numpy_hash` (``engram bench`` needs it without
 this folder); this module keeps the name the baseline measurement used.
 """
 
 from __future__ import annotations
 
-from engram.bench import numpy_hash as numpy_hash_from_mapping  # noqa: F401
+from engram.cli.bench import numpy_hash as numpy_hash_from_mapping  # noqa: F401

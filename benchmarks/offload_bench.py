@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from engram import EngramConfig, EngramGPT, GPTConfig
-from engram.data import TokenBatcher, eval_batches
-from engram.hashing import NgramHashMapping
+from engram.training.data import TokenBatcher, eval_batches
+from engram.core.hashing import NgramHashMapping
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, engram_modules, offload,
                             table_fingerprint, table_path)
-from engram.bench import interleaved, make_train_step
-from engram.training import peak_rss_bytes
+from engram.cli.bench import interleaved, make_train_step
+from engram.training.loop import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -4,7 +4,7 @@ Run: ``python benchmarks/perf_targets.py [--reps 7] [--only SECTIONS]`` (``--onl
 token's time goes, timed inside ``generate``). Self-contained on purpose (only the public
 API of ``engram``), so the same script measured the code before and after the performance work.
 
-Model: the study default (``engram.train_cli.DEFAULTS``): GPTConfig(vocab 4096, n_layer 4,
+Model: the study default (``engram.cli.flags.DEFAULTS``): GPTConfig(vocab 4096, n_layer 4,
 n_head 4, n_embd 128, block_size 256) with Engram at block 1, (2,3)-grams x 4 heads,
 n_embed_per_ngram 128, 20,000 base rows per head; batch (16, 128). The table section compares
 5,003 (1x) with 500,009 (100x) base rows per head; the hash section uses EngramConfig's defaults
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numpy_hash import numpy_hash_from_mapping  # noqa: E402
 
 from engram import EngramConfig  # noqa: E402
-from engram.hashing import NgramHashMapping  # noqa: E402
-from engram.model import EngramGPT, GPTConfig  # noqa: E402
-from engram.bench import (decode_seconds, forward_fn, interleaved, make_train_step,  # noqa: E402
+from engram.core.hashing import NgramHashMapping  # noqa: E402
+from engram.models.gpt import EngramGPT, GPTConfig  # noqa: E402
+from engram.cli.bench import (decode_seconds, forward_fn, interleaved, make_train_step,  # noqa: E402
                           train_step_fn)
 
 SHARED = Path(os.environ.get("ENGRAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -179,7 +179,7 @@ def main() -> None:
                               "ratio_fresh": med["engram_fresh"] / med["base_fresh"]}
         print("train_fresh", res["train_fresh"], flush=True)
     if "optimizer" in only:  # the table step alone: torch's SparseAdam vs RowSparseAdam (same update)
-        from engram.optim import RowSparseAdam
+        from engram.training.optim import RowSparseAdam
 
         model = gpt(tok, 20000, True)
         table = model.table_parameters()[0]

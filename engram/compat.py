@@ -1,8 +1,8 @@
 """The seed documents' API, as thin aliases over the library's classes.
 
-``EngramTokenizer`` is :class:`~engram.hashing.NgramHashMapping` with the seed spelling
+``EngramTokenizer`` is :class:`~engram.core.hashing.NgramHashMapping` with the seed spelling
 (``vocab_distributions``, ``compress_and_hash``); ``EngramModule`` is
-:class:`~engram.module.Engram` built from a layer's table sizes (``vocab_sizes``) and callable as
+:class:`~engram.nn.module.Engram` built from a layer's table sizes (``vocab_sizes``) and callable as
 ``module(hidden_states, hash_ids)`` where ``hash_ids`` may be the per-layer dict.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import EngramConfig
-from .hashing import NgramHashMapping
-from .module import Engram, EngramLayerState
+from engram.config import EngramConfig
+from engram.core.hashing import NgramHashMapping
+from engram.nn.module import Engram, EngramLayerState
 
 
 class LayerHashes(dict):
@@ -79,7 +79,7 @@ class EngramModule(Engram):
                          table_device="meta" if config.use_offload else None)
         self.cfg = config
         if config.use_offload:
-            from .offload import OffloadMultiHeadEmbedding  # noqa: PLC0415 - optional storage layer
+            from engram.storage.offload import OffloadMultiHeadEmbedding  # noqa: PLC0415 - optional storage layer
 
             self.memory = OffloadMultiHeadEmbedding(self.memory.sizes, self.memory.embedding_dim,
                                                     cache_size=config.offload_cache_lines,

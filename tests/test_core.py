@@ -350,7 +350,7 @@ def test_meta_tables_are_never_allocated_and_open_from_disk(ref_tokenizer, tmp_p
 
 
 def test_hash_split_over_threads_equals_unsplit(ref_tokenizer):
-    from engram.hashing import _PARALLEL_MIN_TOKENS
+    from engram.core.hashing import _PARALLEL_MIN_TOKENS
 
     mapping = NgramHashMapping(small_config(), ref_tokenizer)
     ids = torch.randint(0, 4096, (3, _PARALLEL_MIN_TOKENS // 2 + 7), generator=torch.Generator().manual_seed(9))

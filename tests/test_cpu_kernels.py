@@ -22,10 +22,11 @@ import sys
 import pytest
 import torch
 
-from engram import EngramConfig, cpu_kernels
-from engram.hashing import NgramHashMapping
-from engram.model import EngramGPT, GPTConfig
-from engram.module import Engram, EngramLayerState
+from engram import EngramConfig
+from engram.ops import cpu as cpu_kernels
+from engram.core.hashing import NgramHashMapping
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.nn.module import Engram, EngramLayerState
 from test_perf_paths import adversarial_mixes, mapping, tiny_tokenizer
 
 
@@ -287,8 +288,9 @@ def test_branch_kernel_follows_weight_changes():
 
 _DECODE_SNIPPET = """
 import numpy as np, torch
-from engram import EngramConfig, cpu_kernels
-from engram.module import Engram, EngramLayerState
+from engram import EngramConfig
+from engram.ops import cpu as cpu_kernels
+from engram.nn.module import Engram, EngramLayerState
 cfg = EngramConfig(hidden_size=16, layer_ids=[0], max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2,
                    engram_vocab_size=[53, 59], pad_id=1)
 eng = Engram(cfg, 0, [[53, 59], [61, 67]]).eval()

@@ -1,4 +1,4 @@
-"""Corpora, BPE tokenizer cache and token batching (engram.data)."""
+"""Corpora, BPE tokenizer cache and token batching (engram.training.data)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram import data
+from engram.training import data
 
 
 def make_text(n_lines: int = 400, seed: int = 0) -> str:

@@ -20,9 +20,9 @@ import torch
 import engram  # noqa: E402  - registers the Auto classes
 from engram import EngramConfig  # noqa: E402
 from engram.hf import EngramForCausalLM  # noqa: E402
-from engram.hf_cache import EngramCacheLayer  # noqa: E402
-from engram.optim import build_optimizer  # noqa: E402
-from engram.tokenizer import CompressedTokenizer  # noqa: E402
+from engram.hf.cache import EngramCacheLayer  # noqa: E402
+from engram.training.optim import build_optimizer  # noqa: E402
+from engram.core.tokenizer import CompressedTokenizer  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
@@ -188,7 +188,7 @@ def test_compiled_wrapper_equals_eager(tok):
 def test_assisted_decoding_equals_greedy_and_crops_the_engram_cache(tok, monkeypatch):
     """Prompt lookup and a draft model propose tokens; rejected ones are cropped from the cache
     (Engram history and conv rows included), so the output equals plain greedy decoding."""
-    from engram.hf_cache import EngramCacheLayer
+    from engram.hf.cache import EngramCacheLayer
 
     model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(layer_ids=[1]), tok))
     g = torch.Generator().manual_seed(5)
@@ -208,8 +208,8 @@ def test_assisted_decoding_equals_greedy_and_crops_the_engram_cache(tok, monkeyp
 
 
 def test_engram_cache_crop_limits():
-    from engram.hf_cache import EngramCacheLayer
-    from engram.module import EngramLayerState
+    from engram.hf.cache import EngramCacheLayer
+    from engram.nn.module import EngramLayerState
 
     layer = EngramCacheLayer(history_len=2, conv_len=3)
     layer.history, layer.seen = torch.arange(4).view(1, 4), 10
@@ -342,7 +342,7 @@ def test_cache_under_either_name_and_no_deprecation_warnings(tok, caplog):
 
     from transformers import DynamicCache
 
-    from engram import hf_compat
+    from engram.hf import compat as hf_compat
 
     model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
     ids, mask = left_padded_batch(4)
@@ -388,12 +388,14 @@ def test_prompt_lookup_and_sampling_modes_equal_full_forward(tok):
 def test_table_parameters_is_one_implementation_and_follows_offload(tok, tmp_path):
     """EngramGPT and EngramForCausalLM share table_parameters; a disk table (no parameter) is
     skipped and the optimizer builder still works (it crashed with an AttributeError)."""
-    from engram import EngramGPT, GPTConfig, memory
+    from engram import EngramGPT, GPTConfig
+    from engram.models import gpt
+    from engram.nn import memory
     from engram.offload import offload
 
     model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)
     assert [id(p) for p in model.table_parameters()] == [id(e.memory.embedding.weight) for e in model.engram.values()]
-    assert memory.table_parameters is engram.model.table_parameters
+    assert memory.table_parameters is gpt.table_parameters
     offload(model, "disk", path=tmp_path)
     assert model.table_parameters() == []
     opts = build_optimizer(model, lr=1e-3)
@@ -409,7 +411,7 @@ def _lm_dataset(n: int = 12, T: int = 12):
 
 
 def test_clip_grad_norm_equals_torch_on_dense_gradients():
-    from engram.optim import clip_grad_norm_
+    from engram.training.optim import clip_grad_norm_
 
     g = torch.Generator().manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]
@@ -431,8 +433,8 @@ def test_engram_trainer_trains_sparse_and_dense_tables(tok, tmp_path, sparse):
     calls torch's clip_grad_norm_, which has no sparse kernel)."""
     from transformers import Trainer, TrainingArguments
 
-    from engram.hf_trainer import EngramTrainer
-    from engram.optim import CombinedOptimizer, RowSparseAdam
+    from engram.hf.trainer import EngramTrainer
+    from engram.training.optim import CombinedOptimizer, RowSparseAdam
 
     torch.manual_seed(0)
     model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(sparse_grad=sparse), tok)

@@ -21,7 +21,7 @@ from engram import (CompressedTokenizer, Engram, EngramConfig, EngramGPT, Engram
                     MultiHeadEmbedding)
 from engram.offload import (DiskMultiHeadEmbedding, HostMultiHeadEmbedding, HotRowCache, OffloadMultiHeadEmbedding,
                             cache_stats, offload, table_path)
-from engram.prefetch import Prefetcher
+from engram.storage.prefetch import Prefetcher
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "offload.md"
 

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram import EngramConfig, cpu_kernels
-from engram.bench import numpy_hash
-from engram.hashing import NgramHashMapping, split_plan
-from engram.model import EngramGPT, GPTConfig
-from engram.module import Engram, EngramLayerState, ShortConv
-from engram.optim import RowSparseAdam, build_optimizer, clip_grad_norm_, optimizer_state_bytes
-from engram.tokenizer import CompressedTokenizer
+from engram import EngramConfig
+from engram.ops import cpu as cpu_kernels
+from engram.cli.bench import numpy_hash
+from engram.core.hashing import NgramHashMapping, split_plan
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.nn.module import Engram, EngramLayerState, ShortConv
+from engram.training.optim import RowSparseAdam, build_optimizer, clip_grad_norm_, optimizer_state_bytes
+from engram.core.tokenizer import CompressedTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -416,7 +417,7 @@ def test_factored_gate_equals_normalise_then_dot_with_gradients(T, dtype):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 2, 16), (4, 40, 2, 16)])  # the last: F.rms_norm path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_rms_norm_composite_equals_f_rms_norm_with_gradients(shape, dtype):
-    from engram.module import rms_norm
+    from engram.nn.module import rms_norm
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g, dtype=dtype) * 3).requires_grad_()

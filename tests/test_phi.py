@@ -7,7 +7,7 @@ import torch
 
 import engram  # noqa: E402,F401  - registers the Auto classes
 from engram.hf import EngramForCausalLM  # noqa: E402
-from engram.phi import PhiEngramConfig, PhiEngramForCausalLM  # noqa: E402
+from engram.hf.phi import PhiEngramConfig, PhiEngramForCausalLM  # noqa: E402
 from transformers import AutoModelForCausalLM, PhiConfig, PhiForCausalLM  # noqa: E402
 
 V = 4096

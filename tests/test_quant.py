@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engram.offload import DiskMultiHeadEmbedding, HostMultiHeadEmbedding, offload
-from engram.quant import Fp8BlockCodec, Int8RowCodec, fake_quantize, make_codec
+from engram.storage.quant import Fp8BlockCodec, Int8RowCodec, fake_quantize, make_codec
 
 from test_offload import tiny_model
 

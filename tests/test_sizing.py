@@ -8,8 +8,8 @@ import pytest
 
 from engram import EngramConfig
 from engram.cli import main
-from engram.hashing import head_table_sizes
-from engram.sizing import plan_tables, projection_params
+from engram.core.hashing import head_table_sizes
+from engram.training.sizing import plan_tables, projection_params
 
 
 def cfg(**kw):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engram.cli import main
-from engram.study import VARIANTS, interp, parse_variants, verdict
+from engram.cli.study import VARIANTS, interp, parse_variants, verdict
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "study.md"
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",

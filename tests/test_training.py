@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engram import EngramConfig, EngramGPT, GPTConfig
-from engram import checkpoint as ckpt
-from engram import data
+from engram.training import checkpoint as ckpt
+from engram.training import data
 from engram.cli import main
-from engram.training import Trainer, TrainConfig, build_model, clip_gradients, lr_factor, run_training
+from engram.training.loop import Trainer, TrainConfig, build_model, clip_gradients, lr_factor, run_training
 
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
         "--table-size", "101", "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256",
@@ -206,7 +206,7 @@ def test_checkpoint_errors(tmp_path, trained):
 
 
 def test_generate_is_reproducible(trained, capsys):
-    from engram.generate_cli import generate_text
+    from engram.cli.generate import generate_text
 
     a = generate_text(str(trained), "the cat", max_new_tokens=8, temperature=0.0)
     b = generate_text(str(trained), "the cat", max_new_tokens=8, temperature=0.0)
@@ -217,7 +217,7 @@ def test_generate_is_reproducible(trained, capsys):
 
 
 def test_inspect_gates_usage_and_engram_off_loss(trained, tmp_path):
-    from engram.inspect_cli import gate_values, inspect, loss_with_and_without_engram
+    from engram.cli.inspect import gate_values, inspect, loss_with_and_without_engram
 
     text = "the king finds an apple. my friend loves the river."
     png = tmp_path / "gates.png"

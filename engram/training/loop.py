@@ -2,7 +2,7 @@
 
 Shapes: B batch, T context length.
 
-:class:`Trainer` owns one model, its optimizers (:func:`engram.optim.build_optimizer`: AdamW for
+:class:`Trainer` owns one model, its optimizers (:func:`engram.training.optim.build_optimizer`: AdamW for
 dense weights, Adam at 5x lr without decay for tables), the schedule (linear warmup, then cosine or
 linear decay of every group's ``base_lr``), gradient clipping and its own clock: ``elapsed``
 counts only the seconds spent inside :meth:`Trainer.train_step`, so several trainers can be
@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data import TokenBatcher
-from .model import EngramGPT, GPTConfig
-from .optim import build_optimizer, clip_grad_norm_
+from engram.training.data import TokenBatcher
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.training.optim import build_optimizer, clip_grad_norm_
 
 
 @dataclass
@@ -109,7 +109,7 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     """Clip the global gradient norm over all ``params`` (sparse table gradients included).
 
-    Uses :func:`engram.optim.clip_grad_norm_`, which counts a sparse gradient's coalesced rows and
+    Uses :func:`engram.training.optim.clip_grad_norm_`, which counts a sparse gradient's coalesced rows and
     scales dense and sparse gradients by one factor. Returns the norm before clipping (0 if off).
     """
     if max_norm <= 0:

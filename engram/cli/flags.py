@@ -1,24 +1,14 @@
-"""``engram train``: train one model, checkpoint it, write ``report.json``.
-
-Also home of the command-line flags that ``engram study`` shares (data, model size, Engram
-settings, optimisation), so both commands parse them one way.
-
-Output layout of ``--out DIR``: ``DIR/checkpoint/`` (see :mod:`engram.checkpoint`) and
-``DIR/report.json``. ``--resume DIR`` continues a run from its last checkpoint to the same result
-an uninterrupted run would reach.
-"""
+"""Command-line flags shared by ``engram train`` and ``engram study`` (data, model size, Engram
+settings, optimisation), parsed one way, and the small helpers every command uses."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import EngramConfig
-from .model import GPTConfig
+from engram.config import EngramConfig
+from engram.models.gpt import GPTConfig
 
 #: Defaults chosen by measurement on a shared 2-core CPU (docs/study.md).
 DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_size=4096,
@@ -103,7 +93,7 @@ def gpt_config_from_args(args: argparse.Namespace, vocab_size: int, engram: Engr
 
 
 def train_config_from_args(args: argparse.Namespace, default_steps: int | None = None) -> Any:
-    from .training import TrainConfig  # noqa: PLC0415
+    from engram.training.loop import TrainConfig  # noqa: PLC0415
 
     steps = args.steps if args.steps is not None or args.time_budget is not None else default_steps
     return TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -115,7 +105,7 @@ def train_config_from_args(args: argparse.Namespace, default_steps: int | None =
 
 def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: int, tokenizer: Any = None):
     """``(tokenizer, batcher, eval_data, info)`` from the data flags; errors before anything is written."""
-    from .data import TokenBatcher, encode, eval_batches, get_tokenizer, load_corpus  # noqa: PLC0415
+    from engram.training.data import TokenBatcher, encode, eval_batches, get_tokenizer, load_corpus  # noqa: PLC0415
 
     corpus = load_corpus(args.data, args.eval_data, args.dataset)
     if tokenizer is None:
@@ -139,78 +129,3 @@ def pad_id_of(tokenizer: Any) -> int:
 def fail(msg: str) -> int:
     print(f"engram: error: {msg}", file=sys.stderr)
     return 2
-
-
-# ---------------------------------------------------------------------- engram train
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="engram-run", help="output directory (default %(default)s)")
-    p.add_argument("--no-engram", action="store_true", help="train the plain GPT (no Engram branch)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its config and data flags are reused)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (default: only at the end)")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-    add_data_arguments(p)
-    add_model_arguments(p)
-    add_optim_arguments(p)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, TypeError) as e:
-        return fail(str(e))
-    except KeyboardInterrupt:
-        print("engram: interrupted (checkpoint saved)", file=sys.stderr)
-        return 130
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: PLC0415
-    from .training import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoint"
-    if args.resume:
-        ck = load_checkpoint(args.resume, load_training_state=True)
-        saved = ck.meta["extra"]
-        tcfg_d = dict(ck.training_state["train_config"])
-        if args.steps is not None:  # a longer (or shorter) budget is the one thing a resume may change
-            tcfg_d["max_steps"] = args.steps
-        tcfg = TrainConfig(**tcfg_d)
-        for k, v in saved.get("data_args", {}).items():
-            setattr(args, k, v)
-        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
-        model = ck.model
-        out = Path(saved.get("out", args.resume)) if args.out == "engram-run" else out
-        ckpt_dir = out / "checkpoint"
-    else:
-        if is_checkpoint(ckpt_dir) and not args.overwrite:
-            raise ValueError(f"{str(ckpt_dir)!r} already holds a checkpoint; use --resume {out} to continue "
-                             "or --overwrite to start again")
-        tcfg = train_config_from_args(args, default_steps=300)
-        # Validate the model flags before the (slower) data work.
-        engram = None if args.no_engram else engram_config_from_args(args, pad_id=0)
-        gpt_config_from_args(args, args.vocab_size, engram)
-        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
-        engram = None if args.no_engram else engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
-        model = build_model(gpt_config_from_args(args, len(tokenizer), engram), tokenizer, tcfg.seed)
-    name = "baseline" if model.config.engram is None else "engram"
-    trainer = Trainer(model, batcher, tcfg, evals, name=name)
-    if args.resume:
-        trainer.load_state_dict(ck.training_state)
-    data_args = {k: getattr(args, k) for k in ("data", "eval_data", "dataset", "tokenizer", "vocab_size", "eval_tokens")}
-    data_args["data"] = [str(Path(p).resolve()) for p in data_args["data"]] if data_args["data"] else None
-    data_args["eval_data"] = [str(Path(p).resolve()) for p in data_args["eval_data"]] if data_args["eval_data"] else None
-
-    def save(t: Trainer) -> None:
-        save_checkpoint(ckpt_dir, t.model, tokenizer, t.state_dict(),
-                        extra={"data_args": data_args, "out": str(out), "step": t.step, "data": info})
-
-    summary = run_training(trainer, save=save, progress_bar=not args.no_progress)
-    report = {"data": info, "checkpoint": str(ckpt_dir), **summary}
-    write_json_atomic(out / "report.json", report)
-    print(f"{name}: {summary['steps']} steps, {summary['tokens_per_second']:,.0f} tok/s, "
-          f"median step {summary['step_seconds_median'] * 1e3:.1f} ms, final val loss {summary['final_val_loss']:.4f}")
-    print(f"wrote {out / 'report.json'} and {ckpt_dir}")
-    return 0

@@ -5,24 +5,24 @@ with ``torch.nn.utils.clip_grad_norm_``, which cannot read sparse gradients: tab
 ``EngramConfig(sparse_grad=True)`` then fail at the first step (``NotImplementedError ...
 'SparseCPU'``). ``EngramTrainer`` is a drop-in replacement::
 
-    from engram.hf_trainer import EngramTrainer
+    from engram.hf.trainer import EngramTrainer
 
     trainer = EngramTrainer(model=model, args=TrainingArguments(..., max_grad_norm=1.0),
                             train_dataset=ds, data_collator=collator)
     trainer.train()
 
-- optimizer: :func:`engram.optim.build_optimizer` (AdamW for dense weights; the paper's Adam at
-  ``table_lr_mult`` x lr, no weight decay, for tables: :class:`~engram.optim.RowSparseAdam`
-  when their gradients are sparse), combined into one :class:`~engram.optim.CombinedOptimizer`
+- optimizer: :func:`engram.training.optim.build_optimizer` (AdamW for dense weights; the paper's Adam at
+  ``table_lr_mult`` x lr, no weight decay, for tables: :class:`~engram.training.optim.RowSparseAdam`
+  when their gradients are sparse), combined into one :class:`~engram.training.optim.CombinedOptimizer`
   so the Trainer's LR scheduler, checkpointing and accelerate see one optimizer. It reads
   ``learning_rate``, ``weight_decay``, ``adam_beta1`` / ``adam_beta2`` from the arguments; pass
   ``optimizers=(...)`` to use your own instead.
-- clipping and the logged ``grad_norm``: :func:`engram.optim.clip_grad_norm_`, which counts each
+- clipping and the logged ``grad_norm``: :func:`engram.training.optim.clip_grad_norm_`, which counts each
   coalesced sparse row once and scales dense and sparse gradients alike (equal to torch's
   clipping when every gradient is dense; tested).
 
 It overrides ``Trainer._clip_grad_norm`` / ``_get_grad_norm`` (internal, same signatures in
-transformers 5.23 and 5.24; see :mod:`engram.hf_compat`) for single-process and DDP runs; mixed
+transformers 5.23 and 5.24; see :mod:`engram.hf.compat`) for single-process and DDP runs; mixed
 DTensor meshes and DeepSpeed keep the Trainer's own code.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from .optim import CombinedOptimizer, build_optimizer, clip_grad_norm_
+from engram.training.optim import CombinedOptimizer, build_optimizer, clip_grad_norm_
 
 __all__ = ["EngramTrainer"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from .config import EngramConfig
-from .hf import EngramForCausalLM
-from .hf_compat import strict
+from engram.config import EngramConfig
+from engram.hf.modeling import EngramForCausalLM
+from engram.hf.compat import strict
 
 __all__ = ["PhiEngramConfig", "PhiEngramForCausalLM"]
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cpu_kernels
-from .config import EngramConfig
-from .threads import pool, single_thread
-from .tokenizer import CompressedTokenizer
-from .validation import check_ids
+from engram.ops import cpu as cpu_kernels
+from engram.config import EngramConfig
+from engram.ops.threads import pool, single_thread
+from engram.core.tokenizer import CompressedTokenizer
+from engram.core.validation import check_ids
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -217,7 +217,7 @@ class NgramHashMapping(nn.Module):
         max_prime = max(p for l in self.layer_ids for order in self.table_sizes[l] for p in order)
         self.fast_widths = split_plan(max_prime)  # None: primes too big, "fast" falls back to plain
         self._fast_cache: dict[torch.device, dict[str, Any]] = {}
-        # Called with every hash_step's {layer_id: (B, T, H)} (engram.prefetch's Prefetcher). A
+        # Called with every hash_step's {layer_id: (B, T, H)} (engram.storage.prefetch's Prefetcher). A
         # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.
         self.step_listeners: list[Callable[[dict[int, torch.Tensor]], None]] = []
 
@@ -226,7 +226,7 @@ class NgramHashMapping(nn.Module):
         # pickle of the mapping starts without them.
         state = self.__dict__.copy()
         state["step_listeners"] = []
-        state.pop("_kernel_plan", None)  # engram.cpu_kernels' constants, rebuilt on first use
+        state.pop("_kernel_plan", None)  # engram.ops.cpu' constants, rebuilt on first use
         return state
 
     @property
@@ -251,7 +251,7 @@ class NgramHashMapping(nn.Module):
                         method: str = "auto") -> dict[int, torch.Tensor]:
         """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them.
 
-        ``method``: ``"kernel"`` (the C kernel of :mod:`engram.cpu_kernels`, CPU), ``"fast"``,
+        ``method``: ``"kernel"`` (the C kernel of :mod:`engram.ops.cpu`, CPU), ``"fast"``,
         ``"plain"``, ``"scalar"`` (Python ints) or ``"auto"`` (on the CPU the kernel when it is
         available; else scalar up to 16 CPU tokens, fast from 512 tokens up, plain otherwise);
         all give the same rows.
@@ -269,7 +269,7 @@ class NgramHashMapping(nn.Module):
                 return {lid: rows[i] for i, lid in enumerate(self.layer_ids)}
         if method == "kernel":
             raise RuntimeError(
-                "method='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.cpu_kernels)"
+                "method='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.ops.cpu)"
             )
         if method == "auto":
             if full.device.type == "cpu" and B * T <= _SCALAR_MAX_TOKENS:
@@ -452,7 +452,7 @@ class NgramHashMapping(nn.Module):
                 last N-1 (a cache recording its past so it can be cropped back).
 
         Returns ``({layer_id: (B, T, H)}, next history)``. A few CPU tokens (a decode step)
-        take one call of the C kernel (:mod:`engram.cpu_kernels`), or one Python-int pass where
+        take one call of the C kernel (:mod:`engram.ops.cpu`), or one Python-int pass where
         it is unavailable, instead of ~10 small tensor ops; the result is the same.
         Every function in :attr:`step_listeners` is then called with the hash ids.
         """

@@ -11,13 +11,13 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("engram.demo", "build an Engram GPT, hash a sentence and run it"),
-    "study": ("engram.study", "train the same GPT with and without Engram and compare"),
-    "train": ("engram.train_cli", "train one model and write report.json"),
-    "generate": ("engram.generate_cli", "sample text from a checkpoint"),
-    "inspect": ("engram.inspect_cli", "gate heatmap, table usage and Engram-off loss"),
-    "bench": ("engram.bench", "time and memory benchmarks (hashing, lookup, step, decode)"),
-    "size": ("engram.sizing", "size Engram tables for a parameter or memory budget"),
+    "demo": ("engram.cli.demo", "build an Engram GPT, hash a sentence and run it"),
+    "study": ("engram.cli.study", "train the same GPT with and without Engram and compare"),
+    "train": ("engram.cli.train", "train one model and write report.json"),
+    "generate": ("engram.cli.generate", "sample text from a checkpoint"),
+    "inspect": ("engram.cli.inspect", "gate heatmap, table usage and Engram-off loss"),
+    "bench": ("engram.cli.bench", "time and memory benchmarks (hashing, lookup, step, decode)"),
+    "size": ("engram.cli.size", "size Engram tables for a parameter or memory budget"),
 }
 
 

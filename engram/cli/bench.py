@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cpu_kernels
-from .config import EngramConfig
-from .hashing import NgramHashMapping
-from .model import EngramGPT, GPTConfig
-from .optim import build_optimizer
-from .tokenizer import CompressedTokenizer
-from .training import peak_rss_bytes
+from engram.ops import cpu as cpu_kernels
+from engram.config import EngramConfig
+from engram.core.hashing import NgramHashMapping
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.training.optim import build_optimizer
+from engram.core.tokenizer import CompressedTokenizer
+from engram.training.loop import peak_rss_bytes
 
 VOCAB = 4096
 
@@ -181,7 +181,7 @@ def bench_lookup(rows: int, shape: tuple[int, int], reps: int) -> dict[str, Any]
     cfg = EngramConfig(hidden_size=128, layer_ids=[1], n_embed_per_ngram=512, n_head_per_ngram=8,
                        engram_vocab_size=[rows, rows])
     m = NgramHashMapping(cfg, synthetic_tokenizer())
-    from .memory import MultiHeadEmbedding
+    from engram.nn.memory import MultiHeadEmbedding
 
     mem = MultiHeadEmbedding([p for order in m.table_sizes[1] for p in order], cfg.head_dim)
     ids = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(0))
@@ -239,7 +239,7 @@ def bench_decode(new_tokens: int, reps: int, rows: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- peak RSS
 def rss_probe(spec: dict[str, Any]) -> float:
     """Peak RSS (MiB) of a fresh process that builds the model of ``spec`` and runs 2 train steps."""
-    code = "import sys, engram.bench as b; b._rss_child(sys.argv[1])"
+    code = "import sys, engram.cli.bench as b; b._rss_child(sys.argv[1])"
     res = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, check=True)
     return float(res.stdout.strip().splitlines()[-1])
 

@@ -86,7 +86,7 @@ class MultiHeadEmbedding(nn.Module):
 
 
 def table_parameters(memories: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """The table parameters of these storage modules (``engram.memory`` of each Engram layer),
+    """The table parameters of these storage modules (``engram.nn.memory`` of each Engram layer),
     skipping storage that holds no parameter (disk, quantised). The one implementation behind
     ``EngramGPT.table_parameters`` and ``EngramForCausalLM.table_parameters``."""
     return [w for w in (m.table_weight for m in memories) if w is not None]

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
 
-from .memory import MultiHeadEmbedding
-from .threads import pool
+from engram.nn.memory import MultiHeadEmbedding
+from engram.ops.threads import pool
 
 if TYPE_CHECKING:  # module.py and hashing.py import this file
-    from .hashing import NgramHashMapping
-    from .module import Engram, EngramLayerState
+    from engram.core.hashing import NgramHashMapping
+    from engram.nn.module import Engram, EngramLayerState
 
 log = logging.getLogger(__name__)
 

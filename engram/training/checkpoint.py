@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .model import EngramGPT, GPTConfig
-from .tokenizer import CompressedTokenizer
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.core.tokenizer import CompressedTokenizer
 
 FORMAT_NAME = "engram-checkpoint"
 FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: EngramGPT, tokenizer: A
     """
     from safetensors.torch import save_model  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
+    from engram import __version__  # noqa: PLC0415
 
     target = Path(path)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model import EngramGPT
-from .train_cli import fail
+from engram.models.gpt import EngramGPT
+from engram.cli.flags import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def gate_values(model: EngramGPT, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per-token gate of every gated Engram layer: ``{layer_id: (T,)}`` for ids ``(1, T)``.
 
-    Hooks :meth:`engram.module.Engram.gate`; with hc_mult > 1 the M branches are averaged.
+    Hooks :meth:`engram.nn.module.Engram.gate`; with hc_mult > 1 the M branches are averaged.
     """
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -138,7 +138,7 @@ def heatmap(gates: dict[int, torch.Tensor], tokens: list[str], path: Path) -> No
 
 def inspect(checkpoint: str, text: str, out: str | None = None, max_tokens: int = 64) -> dict[str, Any]:
     """Gate values, table usage and Engram-off loss of ``checkpoint`` on ``text`` (see module doc)."""
-    from .checkpoint import load_checkpoint  # noqa: PLC0415
+    from engram.training.checkpoint import load_checkpoint  # noqa: PLC0415
 
     ck = load_checkpoint(checkpoint)
     model, tok = ck.model, ck.tokenizer

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .threads import single_thread
-from .validation import check_ids
+from engram.ops.threads import single_thread
+from engram.core.validation import check_ids
 
 _SENTINEL = "\ue000"
 # Up to this many CPU ids (a decode step), a Python-int lookup beats the tensor gather's set-up.

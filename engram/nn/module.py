@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import cpu_kernels
-from .config import EngramConfig
-from .memory import MultiHeadEmbedding
+from engram.ops import cpu as cpu_kernels
+from engram.config import EngramConfig
+from engram.nn.memory import MultiHeadEmbedding
 
 
 @dataclass

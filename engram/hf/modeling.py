@@ -3,12 +3,12 @@
 Shapes: B batch, T new tokens, S = past + new tokens, D hidden size, H hash heads per layer.
 
 The wrapper keeps the base ``*ForCausalLM`` untouched as ``self.backbone`` and adds one
-:class:`~engram.module.Engram` per chosen decoder layer (0-based ids) in ``self.engram``. Each
+:class:`~engram.nn.module.Engram` per chosen decoder layer (0-based ids) in ``self.engram``. Each
 forward hashes the token ids once (all Engram layers), then runs the backbone; a forward pre-hook
 on each chosen decoder layer adds ``engram(hidden_states, hash_ids)`` to the residual before the
-layer's attention (see :mod:`engram.hf_families`). The per-call hash ids live in a step context
+layer's attention (see :mod:`engram.hf.families`). The per-call hash ids live in a step context
 that exists only during :meth:`EngramForCausalLM.forward`; the decode state (n-gram history, conv
-tails) lives in the transformers ``Cache`` (:mod:`engram.hf_cache`).
+tails) lives in the transformers ``Cache`` (:mod:`engram.hf.cache`).
 
 Left padding: padded positions read as the Engram pad id in the n-gram history and are kept out of
 the conv history (``token_mask``). ``position_ids`` go to the backbone exactly as given, so the
@@ -16,7 +16,7 @@ wrapper computes what the base model computes for every call form; ``generate`` 
 that count real tokens only, so a padded row generates what it generates alone.
 
 transformers internals the wrapper relies on (the cache argument's name, cache layer classes,
-generation hooks) are reached through :mod:`engram.hf_compat` only.
+generation hooks) are reached through :mod:`engram.hf.compat` only.
 
 Save/load: the config (:class:`EngramCausalLMConfig`) holds the base config, the Engram config and
 the compression table + hashing constants, so ``AutoModelForCausalLM.from_pretrained(dir)`` (after
@@ -37,17 +37,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 
-from . import hf_compat
-from .hf_compat import Cache, DynamicCache, SubConfigSpec, strict
-from .hf_compat import initialization as init
+from engram.hf import compat as hf_compat
+from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
+from engram.hf.compat import initialization as init
 
-from .config import EngramConfig
-from .hashing import NgramHashMapping
-from .hf_cache import EngramCacheLayer, engram_cache_layer
-from .hf_families import FamilyAdapter, adapter_for
-from .memory import MultiHeadEmbedding, table_parameters
-from .module import Engram, ShortConv
-from .tokenizer import CompressedTokenizer
+from engram.config import EngramConfig
+from engram.core.hashing import NgramHashMapping
+from engram.hf.cache import EngramCacheLayer, engram_cache_layer
+from engram.hf.families import FamilyAdapter, adapter_for
+from engram.nn.memory import MultiHeadEmbedding, table_parameters
+from engram.nn.module import Engram, ShortConv
+from engram.core.tokenizer import CompressedTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         return list(self.engram.parameters())
 
     def table_parameters(self) -> list[nn.Parameter]:
-        """Engram embedding tables (their own optimizer group; see :func:`engram.optim.build_optimizer`)."""
+        """Engram embedding tables (their own optimizer group; see :func:`engram.training.optim.build_optimizer`)."""
         return table_parameters(m.memory for m in self.engram.values())
 
     def dense_parameters(self) -> list[nn.Parameter]:
@@ -445,7 +445,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 choose, exactly as without Engram; ``generate`` passes mask-derived positions).
             cache: a transformers ``Cache``; the Engram decode state is kept inside it.
                 ``past_key_values=`` is the same argument under its pre-5.24 name; either is
-                accepted on every supported transformers (:mod:`engram.hf_compat`).
+                accepted on every supported transformers (:mod:`engram.hf.compat`).
             inputs_embeds: optional ``(B, T, D)`` embeddings of ``input_ids`` (never alone).
             labels, use_cache, logits_to_keep, kwargs: as for the backbone.
         """
@@ -503,5 +503,3 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
 
 AutoConfig.register(EngramCausalLMConfig.model_type, EngramCausalLMConfig)
 AutoModelForCausalLM.register(EngramCausalLMConfig, EngramForCausalLM)
-
-from . import phi as _phi  # noqa: E402,F401  - registers PhiEngramConfig / PhiEngramForCausalLM

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import EngramConfig
-from .hashing import NgramHashMapping
-from .memory import table_parameters
-from .module import Engram, EngramLayerState
-from .validation import check_ids
+from engram.config import EngramConfig
+from engram.core.hashing import NgramHashMapping
+from engram.nn.memory import table_parameters
+from engram.nn.module import Engram, EngramLayerState
+from engram.core.validation import check_ids
 
 
 @dataclass

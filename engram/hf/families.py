@@ -15,7 +15,7 @@ Adding a family
    argument or keyword). A post-norm family needs its own ``add_to_residual``.
 3. Register it::
 
-       from engram.hf_families import FamilyAdapter, register_family
+       from engram.hf.families import FamilyAdapter, register_family
        register_family(FamilyAdapter(model_types=("gemma",), layers_path="model.layers"))
 
 4. Run ``tests/test_hf.py``'s identity and cached-generation checks on a tiny config of the family.

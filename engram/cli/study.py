@@ -23,8 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import EngramConfig
-from .train_cli import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
+from engram.config import EngramConfig
+from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
                         fail, gpt_config_from_args, pad_id_of, prepare_data, train_config_from_args)
 
 #: variant name -> how it changes the ``engram`` config (``None``: no Engram at all).
@@ -191,7 +191,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study the parsed ``args`` describe and write its outputs; returns the report."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .training import Trainer, build_model, peak_rss_mb, rss_mb, write_json_atomic  # noqa: PLC0415
+    from engram.training.loop import Trainer, build_model, peak_rss_mb, rss_mb, write_json_atomic  # noqa: PLC0415
 
     variants = parse_variants(args.variants)
     if args.threads:

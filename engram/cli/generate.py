@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from .train_cli import fail
+from engram.cli.flags import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0) -> str:
     """Prompt plus up to ``max_new_tokens`` sampled tokens, decoded."""
-    from .checkpoint import load_checkpoint  # noqa: PLC0415
+    from engram.training.checkpoint import load_checkpoint  # noqa: PLC0415
 
     if max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")

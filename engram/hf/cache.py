@@ -8,7 +8,7 @@ A transformers ``Cache`` is a list of per-layer objects, and everything generati
 ``activate_past_recording``) is forwarded to every layer object. Engram keeps its decode state in one extra such object,
 :class:`EngramCacheLayer`, appended after the decoder layers' own entries: the last N-1 compressed
 ids (the n-gram history, shared by all Engram layers) and, per Engram layer, the last W conv
-inputs (:class:`~engram.module.EngramLayerState`). So the state travels with the cache object,
+inputs (:class:`~engram.nn.module.EngramLayerState`). So the state travels with the cache object,
 reorders with beams and never lives in module attributes (compare
 ``models/qwen4_exp/modeling_qwen4_exp.py``, which keeps n-gram ids and conv state as
 ``conv_states`` of its hybrid cache layers). It is a ``DummyLayer`` subclass, so the cache's
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .hf_compat import Cache, DummyLayer
-from .module import EngramLayerState
+from engram.hf.compat import Cache, DummyLayer
+from engram.nn.module import EngramLayerState
 
 
 class EngramCacheLayer(DummyLayer):

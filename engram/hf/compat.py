@@ -14,7 +14,7 @@ cache argument of ``forward`` /        ``past_key_values`` up to 5.23; ``cache``
 generation ``model_kwargs`` key and    ``FutureWarning``, removal announced for 5.40). Detected from
 output field                           the signature of ``GenerationMixin.prepare_inputs_for_generation``.
 ``cache_utils.DummyLayer``             >= 5.23: a cache layer that attention bookkeeping skips
-                                       (the base of :class:`~engram.hf_cache.EngramCacheLayer`).
+                                       (the base of :class:`~engram.hf.cache.EngramCacheLayer`).
 ``Cache.layers`` /                     >= 5.0: the per-layer list, and the class a lazily filled
 ``Cache.layer_class_to_replicate``     ``DynamicCache`` appends.
 ``configuration_utils.SubConfigSpec``  >= 5.23: a typed sub-config default (``text_config``).
@@ -27,7 +27,7 @@ output field                           the signature of ``GenerationMixin.prepar
                                        model_kwargs, ...)`` in 5.23 and 5.24.
 =====================================  ===========================================================
 
-Decoder-layer forward pre-hooks (:mod:`engram.hf_families`) touch only ``hidden_states``, the
+Decoder-layer forward pre-hooks (:mod:`engram.hf.families`) touch only ``hidden_states``, the
 first positional argument of every supported decoder layer, so they are version-independent.
 """
 
@@ -37,7 +37,7 @@ import inspect
 from typing import Any
 
 import transformers
-from huggingface_hub.dataclasses import strict  # noqa: F401  (re-exported for engram.hf / engram.phi)
+from huggingface_hub.dataclasses import strict  # noqa: F401  (re-exported for engram.hf / engram.hf.phi)
 from transformers import GenerationMixin
 from transformers import initialization  # noqa: F401
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache  # noqa: F401

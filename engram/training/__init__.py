@@ -1,0 +1,1 @@
+"""Training: optimizers, the training loop, data, checkpoints and table sizing."""

@@ -1,4 +1,4 @@
-"""Plain NumPy N-gram hashing: the speed baseline and oracle of the fast torch paths.
+"""NumPy N-gram hashing as DeepSeek's demo writes it: the speed baseline of the hash paths.
 
 The implementation lives in :func:`engram.cli.bench.numpy_hash` (``engram bench`` needs it without
 this folder); this module keeps the name the baseline measurement used.

@@ -350,16 +350,16 @@ def test_meta_tables_are_never_allocated_and_open_from_disk(ref_tokenizer, tmp_p
 
 
 def test_hash_split_over_threads_equals_unsplit(ref_tokenizer):
-    from engram.core.hashing import _PARALLEL_MIN_TOKENS
+    from engram.ops.cpu import PARALLEL_MIN_TOKENS
 
     mapping = NgramHashMapping(small_config(), ref_tokenizer)
-    ids = torch.randint(0, 4096, (3, _PARALLEL_MIN_TOKENS // 2 + 7), generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(0, 4096, (3, PARALLEL_MIN_TOKENS // 2 + 7), generator=torch.Generator().manual_seed(9))
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = {m: mapping.hash(ids, method=m) for m in ("fast", "plain")}
+        single = {m: mapping.hash(ids, method=m) for m in ("auto", "plain")}
         torch.set_num_threads(3)  # uneven slices
-        split = {m: mapping.hash(ids, method=m) for m in ("fast", "plain")}
+        split = {m: mapping.hash(ids, method=m) for m in ("auto", "plain")}
     finally:
         torch.set_num_threads(n)
     for m in single:

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def gate_values(model: EngramGPT, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per-token gate of every gated Engram layer: ``{layer_id: (T,)}`` for ids ``(1, T)``.
 
-    Hooks :meth:`engram.nn.module.Engram.gate`; with hc_mult > 1 the M branches are averaged.
+    A forward hook on each branch's :class:`~engram.nn.module.ContextGate`; with hc_mult > 1 the
+    M branches are averaged.
     """
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -47,27 +48,14 @@ def gate_values(model: EngramGPT, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         def hook(mod: Any, inputs: Any, output: torch.Tensor, lid: int = block.layer_id) -> None:
             captured[lid] = output[0, :, :, 0].mean(-1).float()  # (B, T, M, 1) -> (T,)
 
-        handles.append(_hook_method(eng, "gate", hook))
+        handles.append(eng.context_gate.register_forward_hook(hook))
     try:
         model.eval()
         model(ids)
     finally:
-        for restore in handles:
-            restore()
+        for handle in handles:
+            handle.remove()
     return captured
-
-
-def _hook_method(obj: Any, name: str, hook: Any) -> Any:
-    """Wrap ``obj.name`` so ``hook(obj, args, output)`` sees every call; returns the undo function."""
-    original = getattr(obj, name)
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        hook(obj, args, out)
-        return out
-
-    setattr(obj, name, wrapped)
-    return lambda: delattr(obj, name)
 
 
 @torch.no_grad()

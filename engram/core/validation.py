@@ -6,6 +6,8 @@ with a message that names the argument and what was wrong.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -29,3 +31,9 @@ def check_ids(ids: np.ndarray | torch.Tensor, vocab_size: int | None, name: str 
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(ids.shape)}")
     if too_big:
         raise ValueError(f"{name} has id {top} >= the tokenizer's vocabulary size {vocab_size}")
+
+
+def ids_checks_forced() -> bool:
+    """``ENGRAM_CHECK_IDS=1``: range-check ids on accelerators too, at the cost of a host sync per
+    forward (on the CPU they are always checked; it costs nothing there)."""
+    return os.environ.get("ENGRAM_CHECK_IDS", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -24,7 +24,7 @@ from engram.config import EngramConfig
 from engram.core.hashing import NgramHashMapping
 from engram.nn.memory import table_parameters
 from engram.nn.module import Engram, EngramLayerState
-from engram.core.validation import check_ids
+from engram.core.validation import check_ids, ids_checks_forced
 
 
 @dataclass
@@ -266,12 +266,8 @@ class EngramGPT(nn.Module):
         function so that a compiled model (``model.compile()``) breaks its graph once here.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
-        if input_ids.numel():  # both bounds in one pass (one host sync on a device, not two)
-            lo, hi = (int(v) for v in torch.aminmax(input_ids))
-            if lo < 0:
-                raise ValueError("input_ids must be non-negative")
-            if hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids has id {hi} >= the model's vocabulary size {self.config.vocab_size}")
+        if input_ids.device.type == "cpu" or ids_checks_forced():  # no host sync per step on a device
+            self.check_id_range(input_ids)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -294,6 +290,17 @@ class EngramGPT(nn.Module):
             if cache is not None:
                 cache.history = history  # (B, N-1)
         return pad_mask, new_mask, hash_ids
+
+    def check_id_range(self, input_ids: torch.Tensor) -> None:
+        """``ValueError`` unless every id is in ``[0, vocab_size)`` (reads the ids back: a host sync
+        on an accelerator, so :meth:`forward` does it there only for :meth:`generate`'s prompt or
+        with ``ENGRAM_CHECK_IDS=1``)."""
+        if input_ids.numel():  # both bounds in one pass
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0:
+                raise ValueError("input_ids must be non-negative")
+            if hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids has id {hi} >= the model's vocabulary size {self.config.vocab_size}")
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
@@ -337,7 +344,13 @@ class EngramGPT(nn.Module):
     @torch.inference_mode()  # no autograd bookkeeping: cheaper per op than no_grad
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``input_ids`` (B, T) with a KV cache; temperature 0 = greedy."""
+        """Sample ``max_new_tokens`` after ``input_ids`` (B, T) with a KV cache; temperature 0 = greedy.
+
+        The prompt's ids are range-checked once here; the decode steps after it read no value
+        back to the host (sampled ids are in range by construction), so a compiled model
+        (``model.compile(mode="reduce-overhead")`` on CUDA) can replay them as graphs.
+        """
+        self.check_id_range(input_ids)
         cache = self.new_cache()
         logits, _ = self(input_ids, cache=cache)
         out = [input_ids]

@@ -1,13 +1,16 @@
-"""The Engram branch (DESIGN.md §3).
+"""The Engram branch (DESIGN.md §3), written as the reference's formulas.
 
 Shapes: B batch, T time, M residual branches (hc_mult), D hidden size, H heads per layer,
-d head row width, E = d_mem = (N-1) * n_embed_per_ngram, W = (kernel-1)*dilation conv history.
+d head row width, E = d_mem = H * d, C = M * D conv channels, W = (kernel-1)*dilation conv history.
 
 For every position the looked-up memory vector ``e`` (B, T, E) gives a shared value
 ``v = W_V e`` and, per branch i, a key ``k_i = W_K,i e``; the gate is
 ``a_i = sigmoid(signed_sqrt(<RMSNorm(k_i), RMSNorm(h_i)> / sqrt(D)))``; ``u_i = a_i v`` and the
 output is ``Y_i = u_i + SiLU(DepthwiseCausalConv(RMSNorm(u_i)))`` (dilation N, zero-initialised).
 The caller adds ``Y`` to the residual before the layer's attention.
+
+Nothing here is tuned for one backend: speed comes from ``torch.compile`` of these modules
+(docs/performance.md) and from swapping the table storage (:mod:`engram.storage`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram.ops import cpu as cpu_kernels
 from engram.config import EngramConfig
 from engram.nn.memory import MultiHeadEmbedding
 
@@ -43,58 +45,40 @@ class EngramLayerState:
             self.conv = self.conv.index_select(0, index.to(self.conv.device))
 
 
-_CONV_METHODS = ("taps", "conv")
-# Up to this many tokens a CPU step is dispatch-bound: the lean RMSNorm composite below is used.
-_SMALL_TOKENS = 64
-_CONSTS: dict[tuple[float, torch.dtype, torch.device, bool], torch.Tensor] = {}
+def signed_sqrt(z: torch.Tensor) -> torch.Tensor:
+    """``sign(z) * sqrt(max(|z|, 1e-6))``, the reference's squashing of the gate logit."""
+    return z.abs().clamp_min(1e-6).sqrt() * z.sign()
 
 
-def _const(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A cached 0-d tensor on ``like``'s device and dtype (a Python float operand costs a tensor wrap per op).
+class ContextGate(nn.Module):
+    """``a = sigmoid(signed_sqrt(<RMSNorm(k) * w_k, RMSNorm(h) * w_q> / sqrt(D)))``, ``(B, T, M, 1)``.
 
-    Keyed by inference mode too: a constant made under ``torch.inference_mode`` (``generate``)
-    is an inference tensor, which autograd refuses to save in a later training step.
+    Parameter-free (the norm weights are the Engram module's, so checkpoints keep their names);
+    a submodule of its own so the per-token gate values can be read with an ordinary forward
+    hook (``engram inspect`` does): ``engram.context_gate.register_forward_hook(...)``.
+    RMSNorm uses torch's default eps for the input dtype, as the reference's ``nn.RMSNorm()``.
     """
-    key = (value, like.dtype, like.device, torch.is_inference_mode_enabled())
-    c = _CONSTS.get(key)
-    if c is None:
-        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
-    return c
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of ``x`` (..., D) times ``weight`` (broadcast to ``x``, e.g. (M, D)).
-
-    ``F.rms_norm`` for most inputs; for a few float32/64 CPU tokens (decode) a four-op composite
-    with the same math (``F.rms_norm`` on CPU is a composite of ~7 ops there, dispatch-bound).
-    """
-    D = x.shape[-1]
-    if x.device.type == "cpu" and x.numel() <= _SMALL_TOKENS * D and x.dtype in (torch.float32, torch.float64):
-        ss = (x * x).sum(-1, keepdim=True)  # (..., 1)
-        r = torch.addcmul(_const(eps, x), ss, _const(1.0 / D, x)).rsqrt_()  # 1 / sqrt(mean(x^2) + eps)
-        y = x * r
-        return y if weight is None else y * weight
-    if weight is not None and weight.dim() == 1:
-        return F.rms_norm(x, (D,), weight, eps=eps)
-    y = F.rms_norm(x, (D,), eps=eps)
-    return y if weight is None else y * weight
+    def forward(self, k: torch.Tensor, h: torch.Tensor, key_norm_weight: torch.Tensor,
+                query_norm_weight: torch.Tensor) -> torch.Tensor:
+        D = h.shape[-1]
+        k_hat = F.rms_norm(k, (D,)) * key_norm_weight  # (B, T, M, D)
+        h_hat = F.rms_norm(h, (D,)) * query_norm_weight  # (B, T, M, D)
+        z = (k_hat * h_hat).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
+        return torch.sigmoid(signed_sqrt(z))
 
 
 class ShortConv(nn.Module):
-    """Per-branch RMSNorm, then a causal depthwise dilated conv over time, then SiLU.
+    """``SiLU(DepthwiseCausalConv(RMSNorm(x)))``: per-branch RMSNorm, a causal depthwise conv over
+    time (kernel K, dilation d, no bias), then SiLU.
 
-    ``forward(x (B, T, M, D), state) -> (B, T, M, D)``. With ``state`` the conv continues from
-    the stored inputs, so running a sequence in pieces equals running it whole.
+    ``forward(x (B, T, M, D), state, token_mask) -> (B, T, M, D)``. With ``state`` the conv reads
+    the W stored inputs as its left context and stores the new last W, so running a sequence in
+    pieces equals running it whole; without, the left context is zeros (the causal padding).
     """
 
-    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float,
-                 method: str = "taps"):
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float):
         super().__init__()
-        if method not in _CONV_METHODS:
-            raise ValueError(f"method={method!r} must be one of {_CONV_METHODS}")
-        # "taps": kernel_size shifted multiply-adds (no im2col/oneDNN set-up: ~5x cheaper per
-        # decode step on CPU); "conv": F.conv1d, the plain path. Same math; tests compare them.
-        self.method = method
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
         self.kernel_size, self.dilation = kernel_size, dilation
         self.eps = eps
@@ -110,37 +94,23 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: EngramLayerState | None = None,
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, M, D = x.shape
+        C, W = M * D, self.state_len
         if T == 0:  # nothing new: the state stays as it is
             return x.new_zeros(B, 0, M, D)
-        xn = rms_norm(x, self.norm_weight.view(D) if M == 1 else self.norm_weight, self.eps)  # (B, T, M, D)
+        xn = F.rms_norm(x, (D,), eps=self.eps) * self.norm_weight  # (B, T, M, D)
         if token_mask is not None:  # padding must not leak into real tokens through the conv
             xn = torch.where(token_mask[:, :, None, None], xn, 0.0)
-        xn = xn.reshape(B, T, M * D)  # (B, T, C)
-        W = self.state_len
+        xn = xn.reshape(B, T, C)  # (B, T, C)
         if state is not None and state.conv is not None:
-            past = state.conv if state.conv.dtype == xn.dtype else state.conv.to(xn.dtype)  # (B, >= W, C)
+            past = state.conv.to(xn.dtype)  # (B, >= W, C)
         else:
-            past = xn.new_zeros(B, W, M * D)  # zero padding == the conv's causal padding
-        keep = state is not None and state.keep  # recording: keep every row until the cache crops
-        if not keep and past.shape[1] != W:
-            past = past[:, past.shape[1] - W :]  # (B, W, C)
-        rows = torch.cat([past, xn], dim=1)  # (B, >= W+T, C)
-        full = rows if rows.shape[1] == W + T else rows[:, rows.shape[1] - W - T :]  # (B, W+T, C)
-        if state is not None:
-            new = rows if keep else full[:, T:]  # (B, >= W, C)
-            state.conv = new.detach() if new.requires_grad else new
-        w = self.conv.weight.view(M * D, self.kernel_size)  # (C, K)
-        d = self.dilation
-        if self.method == "taps" and T == 1:
-            # One decode step: the K taps are rows 0, d, .., (K-1)d of the window.
-            y = (full[:, ::d] * w.t()).sum(1, keepdim=True)  # (B, 1, C)
-        elif self.method == "taps":
-            y = full[:, :T] * w[:, 0]  # (B, T, C): tap k reads the input k*d steps after the window start
-            for k in range(1, self.kernel_size):
-                y = y.addcmul_(full[:, k * d : k * d + T], w[:, k])
-        else:
-            y = F.conv1d(full.transpose(1, 2), self.conv.weight, dilation=d, groups=M * D).transpose(1, 2)  # (B, T, C)
-        return F.silu(y).view(B, T, M, D)
+            past = xn.new_zeros(B, W, C)
+        window = torch.cat([past[:, past.shape[1] - W :], xn], dim=1)  # (B, W+T, C)
+        if state is not None:  # recording (keep): every row until the cache crops; else the last W
+            new = torch.cat([past, xn], dim=1) if state.keep else window[:, T:]
+            state.conv = new.detach()
+        y = F.conv1d(window.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=C)  # (B, C, T)
+        return F.silu(y.transpose(1, 2)).view(B, T, M, D)
 
 
 class Engram(nn.Module):
@@ -182,6 +152,7 @@ class Engram(nn.Module):
             self.key_proj = nn.Linear(E, M * D, bias=config.value_bias, device=device)
             self.key_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
             self.query_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
+            self.context_gate = ContextGate()
         if config.use_short_conv:
             self.short_conv = ShortConv(D, M, config.kernel_size, config.conv_dilation, config.conv_norm_eps).to(device)
         if config.zero_init_output:
@@ -190,38 +161,12 @@ class Engram(nn.Module):
                 nn.init.zeros_(self.value_proj.bias)
 
     def lookup(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T, H)`` hash ids -> memory vector ``(B, T, H*d)``."""
-        return self.memory(hash_ids).flatten(-2)  # (B, T, H*d)
-
-    def gate(self, e: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Context gate ``a`` ``(B, T, M, 1)`` from memory ``e`` (B, T, E) and hidden states (B, T, M, D).
-
-        A method of its own so tools (``engram inspect``) can hook the per-token gate values.
-
-        ``z = <RMSNorm(k) * w_k, RMSNorm(h) * w_q> / sqrt(D)`` is computed factored, without
-        materialising either normalised vector: with ``s_x = sum(x**2)`` and RMSNorm's
-        ``eps``, ``z = sum(k * w_k * w_q * h) * sqrt(D) / sqrt((s_k + D*eps) * (s_h + D*eps))``.
-        Same math in fewer, smaller ops (decode on CPU is dispatch-bound) and less saved for
-        backward; tests compare it with the normalise-then-dot form, gradients included.
-        """
-        B, T, M, D = hidden_states.shape
-        k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
-        q = hidden_states
-        if k.dtype in (torch.float16, torch.bfloat16):
-            k, q = k.float(), q.float()  # sums of squares overflow float16
-        kq = torch.stack([k, q])  # (2, B, T, M, D)
-        ss = torch.linalg.vecdot(kq, kq)  # (2, B, T, M): s_k, s_h
-        dot = torch.linalg.vecdot(k * self.key_norm_weight, q * self.query_norm_weight)  # (B, T, M)
-        # rsqrt((s + D*eps) / sqrt(D)) = D**-0.25 / rms; the product of the two is z's scale.
-        eps = torch.finfo(hidden_states.dtype).eps  # RMSNorm's default eps for the input dtype
-        r = torch.addcmul(_const(math.sqrt(D) * eps, ss), ss, _const(D**-0.5, ss)).rsqrt_()  # (2, B, T, M)
-        z = dot * r.prod(0)  # (B, T, M)
-        a = torch.sigmoid(z.abs().clamp_min(1e-6).sqrt() * z.sign())  # signed sqrt, as in the demo
-        return a.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, M, 1)
+        """``(B, T, H)`` hash ids -> memory vector ``e`` ``(B, T, H*d)``."""
+        return self.memory(hash_ids).flatten(-2)  # (B, T, E)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
                 state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Branch output, same shape as ``hidden_states``.
+        """Branch output ``Y``, same shape as ``hidden_states``.
 
         Args:
             hidden_states: ``(B, T, D)`` (hc_mult 1) or ``(B, T, M, D)``.
@@ -230,8 +175,26 @@ class Engram(nn.Module):
             token_mask: ``(B, T)`` bool, False at padding (kept out of the conv history).
         """
         cfg = self.config
-        squeeze = hidden_states.ndim == 3
-        if squeeze:
+        h = self._check(hidden_states, hash_ids)  # (B, T, M, D)
+        B, T, M, D = h.shape
+        e = self.lookup(hash_ids).to(h.dtype)  # (B, T, E)
+        if cfg.lite:
+            y = (self.lite_scale * e.view(B, T, -1, D).sum(2)).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
+            return y.reshape(hidden_states.shape)
+        v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
+        if cfg.use_gate:
+            k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
+            a = self.context_gate(k, h, self.key_norm_weight, self.query_norm_weight)  # (B, T, M, 1)
+            u = a * v  # (B, T, M, D)
+        else:
+            u = v.expand(B, T, M, D)
+        y = u + self.short_conv(u, state, token_mask) if cfg.use_short_conv else u  # (B, T, M, D)
+        return y.reshape(hidden_states.shape)
+
+    def _check(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        """Shape checks; ``hidden_states`` as ``(B, T, M, D)``."""
+        cfg = self.config
+        if hidden_states.ndim == 3:
             if cfg.hc_mult != 1:
                 raise ValueError(f"hidden_states (B, T, D) given but hc_mult={cfg.hc_mult}; pass (B, T, M, D)")
             hidden_states = hidden_states.unsqueeze(2)  # (B, T, 1, D)
@@ -245,21 +208,4 @@ class Engram(nn.Module):
             )
         if hash_ids.ndim != 3 or hash_ids.shape[:2] != (B, T):
             raise ValueError(f"hash_ids must be (B, T, H)=({B}, {T}, H), got {tuple(hash_ids.shape)}")
-        if T == 1 and not cfg.lite and not torch.is_grad_enabled():  # a decode step: one fused C call if it applies
-            fused = cpu_kernels.engram_step(self, hidden_states, hash_ids, state, token_mask, self.lookup)  # (B, 1, M, D)
-            if fused is not None:
-                return fused.squeeze(2) if squeeze else fused
-        rows = self.memory(hash_ids)  # (B, T, H, d)
-        dtype = hidden_states.dtype
-        if cfg.lite:
-            out = (self.lite_scale * rows.sum(2)).to(dtype).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
-            return out.squeeze(2) if squeeze else out
-        e = rows.flatten(-2).to(dtype)  # (B, T, E)
-        v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
-        if cfg.use_gate:
-            u = self.gate(e, hidden_states) * v  # (B, T, M, D)
-        else:
-            u = v.expand(B, T, M, D)
-        if cfg.use_short_conv:
-            u = u + self.short_conv(u, state, token_mask)  # (B, T, M, D)
-        return u.squeeze(2) if squeeze else u
+        return hidden_states

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from engram.storage.offload import OffloadedMultiHeadEmbedding, engram_modules, hash_mappings
+from engram.storage.tables import OffloadedMultiHeadEmbedding, engram_modules, hash_mappings
 
 
 class _StreamFuture:

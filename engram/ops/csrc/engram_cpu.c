@@ -1,32 +1,19 @@
-/* Fused CPU kernels for one decode step of Engram (engram/cpu_kernels.py loads them with ctypes).
+/* The N-gram hash on a CPU (engram/ops/cpu.py loads these with ctypes).
  *
- * A decode step on a CPU is dispatch-bound: the hash of a few ids and the ~25 small tensor ops of
- * the Engram branch cost far more in interpreter and dispatcher time than in arithmetic. These
- * two functions do the same math in one call each. They are the fast path of
- * NgramHashMapping._step_scalar and of Engram.forward (no autograd, float32, one token per row;
- * a plain table is looked up here, an offloaded or quantised one by its storage module before
- * the call); tests/test_cpu_kernels.py holds them equal to the plain paths.
+ * engram_hash is engram/ops/hash.py's formula over a whole batch (4-6x torch's int64 remainder,
+ * and faster than torch.compile of it: a Barrett modulo instead of a 64-bit division);
+ * engram_hash_step compresses, hashes and advances the history of a decode step in one call.
+ * tests/test_ops.py holds both bit-identical to the formula.
  *
- * Shapes: B batch, T time, L Engram layers, N max n-gram, K heads per order, H = (N-1)*K heads,
- * d head row width, E = H*d memory width, M branches (hc_mult), D hidden size, C = M*D,
- * Kc conv kernel, W = (Kc-1)*dil conv history rows.
+ * Shapes: B batch, T time, L Engram layers, N max n-gram, K heads per order, H = (N-1)*K heads.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-
-static float dotf(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* x mod p for a signed 64-bit x and 0 < p < 2^63, non-negative (Python's %, DESIGN.md §2.4).
  * With 128-bit products: Barrett reduction, m = floor((2^64-1)/p) precomputed, so the quotient
  * estimate floor(|x|*m / 2^64) is q or q-1 and one conditional subtraction makes it exact.
- * Otherwise the hardware division. tests/test_cpu_kernels.py checks it on adversarial values. */
+ * Otherwise the hardware division. tests/test_ops.py checks it on adversarial values. */
 #ifdef __SIZEOF_INT128__
 static inline int64_t mod_p(int64_t x, uint64_t p, uint64_t m) {
     const uint64_t u = x < 0 ? (uint64_t)0 - (uint64_t)x : (uint64_t)x; /* |x|, exact even for INT64_MIN */
@@ -113,90 +100,5 @@ int engram_hash_step(int64_t B, int64_t T, const int64_t *ids, const int64_t *lo
     }
     hash_rows(B, T, 0, T, full, len, L, N, K, mult, primes, magic, out);
     free(full);
-    return 0;
-}
-
-/* One token per row of the Engram branch (engram/module.py, Engram.forward and ShortConv).
- *
- * mem (B, E) the looked-up memory vectors (an offloaded or quantised storage module's rows), or NULL
- * to look them up here in a plain table: hash_ids (B, H) per-head rows, offsets (H), table
- * (num_rows, E/H); wv (D, E), bv (D) or NULL;
- * wk (C, E) or NULL (no gate), bk (C) or NULL, wkn/wqn (M, D); hs (B, M, D) hidden states;
- * gate_c1 = float(sqrt(D) * eps), gate_c2 = float(D**-0.5); cw (C, Kc) or NULL (no short conv),
- * cnorm (M, D), conv_eps, conv_inv_d = float(1/D); past (B, past_len, C) conv inputs (its last W
- * rows are the window) or NULL (zeros); mask (B) bytes, 0 = padding (kept out of the conv), or
- * NULL. Writes out (B, M, D) and, when tail is not NULL, the new conv history tail (B, W, C).
- * Returns 0, 1 when a looked-up row is outside the table (nothing meaningful written; the caller
- * takes the plain path, which raises), 2 when out of memory. */
-int engram_branch_step(int64_t B, int64_t M, int64_t D, int64_t E, const float *mem, const int64_t *hash_ids,
-                       int64_t H, const int64_t *offsets, int64_t num_rows, const float *table, const float *wv,
-                       const float *bv, const float *wk, const float *bk, const float *wkn, const float *wqn,
-                       const float *hs, float gate_c1, float gate_c2, const float *cw, int64_t Kc, int64_t dil,
-                       const float *cnorm, float conv_eps, float conv_inv_d, const float *past, int64_t past_len,
-                       const uint8_t *mask, float *tail, float *out) {
-    const int64_t C = M * D, W = cw ? (Kc - 1) * dil : 0, d = H > 0 ? E / H : 0;
-    float *buf = (float *)malloc((size_t)(E + D + 3 * C) * sizeof(float));
-    if (!buf) return 2;
-    float *row_buf = buf, *v = row_buf + E, *u = v + D, *xn = u + C, *k = xn + C;
-    for (int64_t b = 0; b < B; b++) {
-        const float *e = mem ? mem + b * E : row_buf;
-        for (int64_t j = 0; !mem && j < H; j++) { /* the lookup of a plain table: flat row = row + offset */
-            const int64_t row = hash_ids[b * H + j] + offsets[j];
-            if (row < 0 || row >= num_rows) {
-                free(buf);
-                return 1;
-            }
-            memcpy(row_buf + j * d, table + row * d, (size_t)d * sizeof(float));
-        }
-        for (int64_t o = 0; o < D; o++) v[o] = dotf(wv + o * E, e, E) + (bv ? bv[o] : 0.0f); /* v = W_V e */
-        for (int64_t m = 0; m < M; m++) {
-            float a = 1.0f;
-            if (wk) { /* the context gate, factored as in Engram.gate */
-                const float *q = hs + (b * M + m) * D, *wkm = wkn + m * D, *wqm = wqn + m * D;
-                for (int64_t o = 0; o < D; o++)
-                    k[o] = dotf(wk + (m * D + o) * E, e, E) + (bk ? bk[m * D + o] : 0.0f);
-                const float sk = dotf(k, k, D), sq = dotf(q, q, D);
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < D; i++) dot += (k[i] * wkm[i]) * (q[i] * wqm[i]);
-                const float rk = 1.0f / sqrtf(gate_c1 + sk * gate_c2), rq = 1.0f / sqrtf(gate_c1 + sq * gate_c2);
-                const float z = dot * (rk * rq);
-                const float sign = z > 0.0f ? 1.0f : (z < 0.0f ? -1.0f : 0.0f);
-                a = 1.0f / (1.0f + expf(-(sqrtf(fmaxf(fabsf(z), 1e-6f)) * sign)));
-            }
-            for (int64_t i = 0; i < D; i++) u[m * D + i] = a * v[i];
-        }
-        float *ob = out + b * C;
-        if (!cw) {
-            memcpy(ob, u, (size_t)C * sizeof(float));
-            continue;
-        }
-        const int keep = !mask || mask[b];
-        for (int64_t m = 0; m < M; m++) { /* RMSNorm of each branch before the conv */
-            const float *um = u + m * D;
-            const float r = 1.0f / sqrtf(conv_eps + dotf(um, um, D) * conv_inv_d);
-            for (int64_t i = 0; i < D; i++) xn[m * D + i] = keep ? (um[i] * r) * cnorm[m * D + i] : 0.0f;
-        }
-        /* window rows 0..W-1 are the past conv inputs, row W is xn; tap kk reads row kk*dil */
-        const float *pb = past ? past + b * past_len * C + (past_len - W) * C : NULL;
-        for (int64_t c = 0; c < C; c++) {
-            float y = 0.0f;
-            for (int64_t kk = 0; kk < Kc; kk++) {
-                const int64_t r = kk * dil;
-                const float x = r < W ? (pb ? pb[r * C + c] : 0.0f) : xn[c];
-                y += x * cw[c * Kc + kk];
-            }
-            ob[c] = u[c] + y / (1.0f + expf(-y)); /* u + SiLU(conv) */
-        }
-        if (tail) {
-            float *tb = tail + b * W * C;
-            for (int64_t r = 1; r < W; r++) {
-                if (pb) memcpy(tb + (r - 1) * C, pb + r * C, (size_t)C * sizeof(float));
-                else memset(tb + (r - 1) * C, 0, (size_t)C * sizeof(float));
-            }
-            if (W > 0) memcpy(tb + (W - 1) * C, xn, (size_t)C * sizeof(float));
-        }
-    }
-    free(buf);
     return 0;
 }

@@ -1,0 +1,72 @@
+"""The N-gram hash (DESIGN.md §2.4) as tensor functions, and the one place its backend is chosen.
+
+Shapes: L Engram layers, B batch, T time, N max_ngram_size, O = N-1 orders, K heads per order,
+H = O*K heads per layer (order-major).
+
+With compressed ids ``x`` and ``x_k`` = x shifted right by k (left-filled with the pad id):
+``mix_n = (x_0*m_0) XOR (x_1*m_1) XOR ... XOR (x_{n-1}*m_{n-1})`` in wrapping int64, and head j of
+order n reads row ``mix_n mod p_{n,j}`` (non-negative). :func:`hash_ngrams_reference` is that
+formula, line for line, on any device. :func:`hash_ngrams` runs the C kernel of
+:mod:`engram.ops.cpu` instead where it applies (CPU int64 ids, kernels built): 4-6x the
+formula's speed on a CPU and faster than ``torch.compile`` of it (docs/performance.md), which
+matters because hashing runs on CPUs in real training (data loader workers). Both are
+bit-identical (tests/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engram.ops import cpu
+
+__all__ = ["barrett_magic", "hash_ngrams", "hash_ngrams_reference", "ngram_mixes"]
+
+
+def ngram_mixes(full: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """``mix_n`` of every layer and order: ``full`` (B, N-1+T) compressed ids, history first;
+    ``multipliers`` (L, N) int64 -> ``(L, B, T, O)`` int64 (wrapping products)."""
+    N = multipliers.shape[1]
+    T = full.shape[1] - (N - 1)
+    m = multipliers[:, :, None, None]  # (L, N, 1, 1)
+    x = [full[:, N - 1 - k : N - 1 - k + T] for k in range(N)]  # x_k: (B, T), shifted right by k
+    mix = x[0] * m[:, 0]  # (L, B, T)
+    mixes = []
+    for k in range(1, N):  # order n = k+1
+        mix = torch.bitwise_xor(mix, x[k] * m[:, k])
+        mixes.append(mix)
+    return torch.stack(mixes, dim=-1)  # (L, B, T, O)
+
+
+def hash_ngrams_reference(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor) -> torch.Tensor:
+    """The formula: ``full`` (B, N-1+T), ``multipliers`` (L, N), ``primes`` (L, H) -> rows (L, B, T, H)."""
+    L, H = primes.shape
+    O = multipliers.shape[1] - 1
+    mixes = ngram_mixes(full, multipliers)  # (L, B, T, O)
+    p = primes.view(L, 1, 1, O, H // O)  # (L, 1, 1, O, K)
+    return torch.remainder(mixes.unsqueeze(-1), p).flatten(-2)  # (L, B, T, H)
+
+
+def barrett_magic(primes: torch.Tensor) -> torch.Tensor:
+    """``floor((2**64-1) / p)`` per prime as int64 bits: the C kernel's modulo constants."""
+    rows = [[(m - 2**64 if m >= 2**63 else m) for m in ((2**64 - 1) // int(p) for p in row)] for row in primes.tolist()]
+    return torch.tensor(rows, dtype=torch.long).view(primes.shape)
+
+
+def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
+                magic: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Rows ``(L, B, T, H)`` of :func:`hash_ngrams_reference`, by the fastest exact backend here.
+
+    Args:
+        full: ``(B, N-1+T)`` int64 compressed ids, history first.
+        multipliers: ``(L, N)`` int64; primes: ``(L, H)`` int64 (on ``full``'s device).
+        magic: :func:`barrett_magic` of ``primes`` (CPU), needed by the C kernel.
+        backend: ``"auto"`` (the C kernel for CPU ids when available, else the formula),
+            ``"kernel"`` (the C kernel or a ``RuntimeError``) or ``"reference"``.
+    """
+    if backend not in ("auto", "kernel", "reference"):
+        raise ValueError(f"backend={backend!r} must be 'auto', 'kernel' or 'reference'")
+    if backend != "reference" and full.device.type == "cpu" and magic is not None and cpu.available():
+        return cpu.hash_ngrams(full, multipliers, primes, magic)
+    if backend == "kernel":
+        raise RuntimeError("backend='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.ops.cpu)")
+    return hash_ngrams_reference(full, multipliers, primes)

@@ -1,0 +1,142 @@
+"""``torch.compile`` is the fast path of the model code: compiled == eager, gradients included."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engram import EngramConfig
+from engram.core.tokenizer import CompressedTokenizer
+from engram.models.gpt import EngramGPT, GPTConfig
+from engram.nn.module import Engram, EngramLayerState
+
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="torch.compile on CPU needs a C++ compiler")
+
+
+def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
+    """A compressed tokenizer without HF: raw id i -> canonical i // 2."""
+    return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
+
+
+def tiny_gpt(sparse: bool) -> EngramGPT:
+    eng = EngramConfig(hidden_size=32, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=4,
+                       engram_vocab_size=[211, 307], pad_id=1, sparse_grad=sparse)
+    torch.manual_seed(0)
+    return EngramGPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, engram=eng),
+                     tiny_tokenizer())
+
+
+@needs_cxx
+def test_compiled_model_equals_eager_in_forward_and_cached_generate():
+    """``model.compile(dynamic=True)``: one graph break (id checks + hash), same logits and tokens."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_gpt(True).eval(), tiny_gpt(True).eval()
+    compiled.compile(dynamic=True)
+    x = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x)[0], eager(x)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.generate(x, 6, temperature=0), eager.generate(x, 6, temperature=0))
+    with pytest.raises(ValueError, match="vocabulary size"):  # checks still run eagerly
+        compiled(torch.full((1, 3), 97))
+    torch._dynamo.reset()
+
+
+
+
+VARIANTS = {
+    "default": {},
+    "no_conv": {"use_short_conv": False, "value_bias": False},  # DeepSeek-V4.1's form
+    "no_gate": {"use_gate": False},
+    "hc2": {"hc_mult": 2},
+    "lite": {"lite": True},
+}
+
+
+def branch(variant: str) -> Engram:
+    kw = VARIANTS[variant]
+    cfg = EngramConfig(hidden_size=16, layer_ids=[0], max_ngram_size=3, n_embed_per_ngram=16 if kw.get("lite") else 8,
+                       n_head_per_ngram=2, engram_vocab_size=[53, 59], pad_id=1, **kw)
+    torch.manual_seed(0)
+    eng = Engram(cfg, 0, [[53, 59], [61, 67]])
+    with torch.no_grad():  # non-trivial everywhere (the conv and value start at zero)
+        for p in eng.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return eng
+
+
+@needs_cxx
+@pytest.mark.parametrize("variant", ["default", "no_conv", "hc2"])
+def test_compiled_branch_equals_eager_with_gradients_and_state(variant):
+    """The nanochat pattern: the fast path (here torch.compile of the formula) against the
+    formula itself, outputs and every gradient, for a prefill and then decode steps with state."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = branch(variant)
+    compiled = branch(variant)
+    compiled.compile(dynamic=False)
+    M = eager.config.hc_mult
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, M, 16, generator=g).requires_grad_()
+    ids = torch.randint(0, 53, (2, 6, 4), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    outs = []
+    for mod in (eager, compiled):
+        state = EngramLayerState()
+        y = mod(h[:, :4], ids[:, :4], state, mask[:, :4])
+        steps = [mod(h[:, t:t + 1], ids[:, t:t + 1], state, mask[:, t:t + 1]) for t in (4, 5)]
+        out = torch.cat([y, *steps], dim=1)
+        grads = torch.autograd.grad(out.square().sum(), [h, *mod.parameters()])
+        outs.append((out, grads, state.conv))
+    (a, ga, sa), (b, gb, sb) = outs
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    if sa is not None:
+        torch.testing.assert_close(sb, sa, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pieces_equal_whole_for_every_variant(variant):
+    """Running a sequence in pieces with a decode state equals running it whole."""
+    eng = branch(variant).eval()
+    M = eng.config.hc_mult
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 9, M, 16, generator=g)
+    ids = torch.randint(0, 53, (3, 9, 4), generator=g)
+    with torch.no_grad():
+        whole = eng(h, ids)
+        state = EngramLayerState()
+        pieces = torch.cat([eng(h[:, a:b], ids[:, a:b], state) for a, b in ((0, 4), (4, 5), (5, 9))], dim=1)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_values_are_read_with_an_ordinary_hook():
+    eng = branch("hc2").eval()
+    seen = []
+    handle = eng.context_gate.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        eng(torch.randn(1, 5, 2, 16), torch.randint(0, 53, (1, 5, 4)))
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (1, 5, 2, 1)
+    assert ((seen[0] > 0) & (seen[0] < 1)).all()
+
+
+def test_half_precision_gate_does_not_overflow():
+    eng = branch("default")
+    e = torch.randn(1, 4, eng.config.memory_dim)
+    h = torch.randn(1, 4, 1, 16) * 300  # sum of squares ~1.4e6 > float16's max
+    k = eng.key_proj(e).view(1, 4, 1, 16)
+    ref = eng.context_gate(k, h, eng.key_norm_weight, eng.query_norm_weight)
+    half = eng.to(torch.float16)
+    got = half.context_gate(k.half(), h.half(), half.key_norm_weight, half.query_norm_weight)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=5e-3)

@@ -1,9 +1,29 @@
 """NumPy N-gram hashing as DeepSeek's demo writes it: the speed baseline of the hash paths.
 
-The implementation lives in :func:`engram.cli.bench.numpy_hash` (``engram bench`` needs it without
-this folder); this module keeps the name the baseline measurement used.
+Self-contained (only public attributes of a mapping), so perf_targets.py measures the code before
+and after a change against the very same baseline; ``engram bench`` uses its own copy,
+:func:`engram.cli.bench.numpy_hash`, written the same way.
 """
 
 from __future__ import annotations
 
-from engram.cli.bench import numpy_hash as numpy_hash_from_mapping  # noqa: F401
+import numpy as np
+
+
+def numpy_hash_from_mapping(mapping, raw_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """The demo's ``_get_ngram_hashes`` after the compression lookup: ``{layer: (B, T, H)}``."""
+    x = np.asarray(mapping.compressed.lookup_table)[raw_ids]  # (B, T)
+    T = x.shape[1]
+    out = {}
+    for lid in mapping.layer_ids:
+        multipliers = np.asarray(mapping.multipliers[lid], dtype=np.int64)
+        shifts = [x if k == 0 else np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=mapping.pad_id)[:, :T]
+                  for k in range(len(multipliers))]
+        heads = []
+        for n in range(2, len(multipliers) + 1):
+            mix = shifts[0] * multipliers[0]
+            for k in range(1, n):
+                mix = np.bitwise_xor(mix, shifts[k] * multipliers[k])
+            heads += [(mix % int(mod)).astype(np.int64, copy=False) for mod in mapping.table_sizes[lid][n - 2]]
+        out[lid] = np.stack(heads, axis=2)  # (B, T, H)
+    return out

@@ -28,16 +28,18 @@ from numpy_hash import numpy_hash_from_mapping  # noqa: E402
 from engram import EngramConfig  # noqa: E402
 from engram.core.hashing import NgramHashMapping  # noqa: E402
 from engram.models.gpt import EngramGPT, GPTConfig  # noqa: E402
-from engram.cli.bench import (decode_seconds, forward_fn, interleaved, make_train_step,  # noqa: E402
-                          train_step_fn)
+try:  # the layout since the redesign; the flat one before it (to measure both with this script)
+    from engram.cli.bench import decode_seconds, forward_fn, interleaved, make_train_step, train_step_fn  # noqa: E402
+except ImportError:
+    from engram.bench import decode_seconds, forward_fn, interleaved, make_train_step, train_step_fn  # noqa: E402
 
-SHARED = Path(os.environ.get("ENGRAM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
 
 
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(SHARED / "reference" / "tokenizer-bpe4096"))
+    return AutoTokenizer.from_pretrained(str(FIXTURES / "tokenizer-bpe4096"))
 
 
 def bench_hash(tok, reps: int) -> dict:
@@ -64,11 +66,12 @@ def gpt(tok, rows: int | None, sparse: bool | None = None, width: int = 128) -> 
     return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=width, block_size=256, engram=eng), tok)
 
 
-def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1) -> dict:
-    """Greedy tokens/s after a 16-token prompt, batch 1, interleaved medians."""
-    prompt = torch.randint(0, 4096, (1, 16))
+def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1, batch: int = 1) -> dict:
+    """Greedy tokens/s after a 16-token prompt, interleaved medians."""
+    prompt = torch.randint(0, 4096, (batch, 16))
     med = decode_seconds({"base": base, "engram": eng}, prompt, new, reps, warmup)
-    return {"base_tok_s": new / med["base"], "engram_tok_s": new / med["engram"], "ratio": med["base"] / med["engram"]}
+    return {"base_tok_s": batch * new / med["base"], "engram_tok_s": batch * new / med["engram"],
+            "ratio": med["base"] / med["engram"]}
 
 
 def decode_parts(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64) -> dict:
@@ -130,6 +133,7 @@ def main() -> None:
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    print("load average", os.getloadavg(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -209,12 +213,16 @@ def main() -> None:
             b, e = res["decode_parts"]["base"].get(name), res["decode_parts"]["engram"][name]
             print(f"decode_parts {name:14s} base {'-' if b is None else f'{b:7.1f}':>7} engram {e:7.1f} us/forward",
                   flush=True)
-    if "compiled" in only:  # both models under model.compile(dynamic=True), after a warm-up
-        base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
-        for m in (base, eng):
-            m.compile(dynamic=True)
-        res["decode_compiled"] = decode_ratio(base, eng, args.reps, warmup=2)  # compiles in the warm-up
-        print("decode_compiled", res["decode_compiled"], flush=True)
+    if "compiled" in only:  # batch 1 and 8: eager, then both models under model.compile(dynamic=True)
+        for batch in (1, 8):
+            base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
+            res[f"decode_eager_b{batch}"] = decode_ratio(base, eng, args.reps, batch=batch)
+            print(f"decode_eager_b{batch}", res[f"decode_eager_b{batch}"], flush=True)
+            for m in (base, eng):
+                m.compile(dynamic=True)
+            res[f"decode_compiled_b{batch}"] = decode_ratio(base, eng, args.reps, warmup=2, batch=batch)
+            print(f"decode_compiled_b{batch}", res[f"decode_compiled_b{batch}"], flush=True)
+    res["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(res, indent=1))
 
 

@@ -21,7 +21,7 @@ def make_text(n_lines: int = 400, seed: int = 0) -> str:
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path_factory.getbasetemp() / "engram-cache"))
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
 
 
 def test_split_holdout_keeps_all_text_and_cuts_at_a_line():

@@ -253,12 +253,13 @@ def _libs(d):
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
 def test_kernels_build_into_a_private_cache_dir_and_are_reused(tmp_path):
-    cache = tmp_path / "cache"
-    assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "True"
+    root = tmp_path / "cache"
+    cache = root / "kernels"
+    assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "True"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     (lib,) = _libs(cache)
     mtime = lib.stat().st_mtime_ns
-    assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "True"  # reused, not rebuilt
+    assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "True"  # reused, not rebuilt
     assert _libs(cache) == [lib] and lib.stat().st_mtime_ns == mtime
 
 
@@ -266,8 +267,9 @@ def test_kernels_build_into_a_private_cache_dir_and_are_reused(tmp_path):
 def test_a_planted_or_tampered_library_is_never_loaded(tmp_path):
     """A library whose recorded hash does not match (replaced after the build, or a symlink to
     someone else's file) is rebuilt, not loaded; a cache dir others can write is not used."""
-    cache = tmp_path / "cache"
-    assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "True"
+    root = tmp_path / "cache"
+    cache = root / "kernels"
+    assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "True"
     (lib,) = _libs(cache)
     good = lib.read_bytes()
     marker = tmp_path / "planted-ran"
@@ -277,15 +279,15 @@ def test_a_planted_or_tampered_library_is_never_loaded(tmp_path):
     evil = tmp_path / "evil.so"
     subprocess.run([shutil.which("cc") or "gcc", "-shared", "-fPIC", str(planted), "-o", str(evil)], check=True)
     lib.write_bytes(evil.read_bytes())  # tampered in place
-    assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "True"
+    assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "True"
     assert not marker.exists() and lib.read_bytes() == good  # rebuilt over it
     lib.unlink()
     lib.symlink_to(evil)  # a symlink to a foreign file
-    assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "True"
+    assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "True"
     assert not marker.exists() and not lib.is_symlink()
     os.chmod(cache, 0o777)  # a directory others can write: not used at all, the formula runs
     try:
-        assert _run({"ENGRAM_CACHE_DIR": str(cache)}) == "False"
+        assert _run({"ENGRAM_CACHE_DIR": str(root)}) == "False"
     finally:
         os.chmod(cache, 0o700)
     assert not marker.exists()
@@ -294,4 +296,4 @@ def test_a_planted_or_tampered_library_is_never_loaded(tmp_path):
 @pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"ENGRAM_CPU_KERNELS": "0"}])
 def test_without_kernels_the_formula_runs(tmp_path, env):
     assert _run({"ENGRAM_CACHE_DIR": str(tmp_path / "c"), **env}) == "False"
-    assert not _libs(tmp_path / "c") if (tmp_path / "c").exists() else True
+    assert not (tmp_path / "c" / "kernels").exists() or not _libs(tmp_path / "c" / "kernels")

@@ -111,7 +111,7 @@ def test_tokenizer_checks(ref_tokenizer, tmp_path, caplog):
         model = PhiEngramForCausalLM(config)
     assert "uncompressed" in caplog.text
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="does not match the model's saved compression table"):
+    with pytest.raises(ValueError, match="does not match the compression table of the saved model"):
         PhiEngramForCausalLM.from_pretrained(tmp_path, tokenizer=ref_tokenizer)
     with pytest.raises(TypeError, match="PhiEngramConfig"):
         PhiEngramForCausalLM(PhiConfig(**PHI))

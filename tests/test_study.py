@@ -20,7 +20,7 @@ TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--ba
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path_factory.getbasetemp() / "engram-cache"))
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
 
 
 @pytest.fixture(scope="module")

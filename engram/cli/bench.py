@@ -233,13 +233,18 @@ def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_token
                        reps, warmup=warmup)
 
 
-def bench_decode(new_tokens: int, reps: int, rows: int) -> dict[str, Any]:
-    """Greedy decode tokens/s (B=1, 16-token prompt, KV cache), Engram vs none."""
+def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1) -> dict[str, Any]:
+    """Greedy decode tokens/s (16-token prompt, KV cache), Engram vs none; with ``compile`` both
+    models run ``model.compile(dynamic=True)`` (compiled in the untimed warm-up)."""
     base, eng = bench_gpt(None), bench_gpt(rows)
     base.eval(), eng.eval()
-    prompt = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
-    med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps)
-    return {"new_tokens": new_tokens, "tok_s": {k: new_tokens / v for k, v in med.items()},
+    if compile:
+        for m in (base, eng):
+            m.compile(dynamic=True)
+    prompt = torch.randint(0, VOCAB, (batch, 16), generator=torch.Generator().manual_seed(0))
+    med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps, warmup=2 if compile else 1)
+    return {"new_tokens": new_tokens, "batch": batch, "compiled": compile,
+            "tok_s": {k: batch * new_tokens / v for k, v in med.items()},
             "engram_vs_base": med["base"] / med["engram"]}
 
 
@@ -313,7 +318,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append("")
     if "decode" in r:
         d = r["decode"]
-        lines += [f"## Decode ({d['new_tokens']} new tokens, B=1)\n",
+        how = "compiled (model.compile(dynamic=True))" if d.get("compiled") else "eager"
+        lines += [f"## Decode ({d['new_tokens']} new tokens, B={d.get('batch', 1)}, {how})\n",
                   f"Base {d['tok_s']['base']:.0f} tok/s, Engram {d['tok_s']['engram']:.0f} tok/s "
                   f"({d['engram_vs_base']:.2f} of base).\n"]
     return "\n".join(lines)
@@ -396,6 +402,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS child processes")
+    p.add_argument("--compile", action="store_true", help="decode: both models under model.compile(dynamic=True)")
+    p.add_argument("--batch", type=int, default=1, help="decode: prompts per batch (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -434,7 +442,9 @@ def run(args: argparse.Namespace) -> int:
     if "table" in only:
         r["table"] = bench_table(settings["rows"], settings["table_mults"], settings["table_shape"], reps)
     if "decode" in only:
-        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"])
+        if args.batch < 1:
+            raise ValueError(f"--batch={args.batch} must be >= 1")
+        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     r["plots"] = plot(r, out)
     (out / "bench.json").write_text(json.dumps(r, indent=1))

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from engram.config import EngramConfig
+from engram.core.hashing import resolve_pad_id
 from engram.models.gpt import GPTConfig
 
 #: Defaults chosen by measurement on a shared 2-core CPU (docs/study.md).
@@ -119,11 +120,8 @@ def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: 
 
 
 def pad_id_of(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
+    """The tokenizer's pad id, else its eos id, else 0 (:func:`engram.core.hashing.resolve_pad_id`)."""
+    return resolve_pad_id(None, tokenizer)
 
 
 def fail(msg: str) -> int:

@@ -106,6 +106,18 @@ def resolve_pad_id(pad_id: int | str | None, tokenizer: Any) -> int:
     return 0
 
 
+def check_same_compression(saved: CompressedTokenizer, tokenizer: Any, where: str = "the model") -> None:
+    """``ValueError`` unless ``tokenizer`` (HF or :class:`CompressedTokenizer`) compresses exactly like
+    ``saved``, the table a model was built with (Engram would otherwise hash different n-grams)."""
+    given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
+    if given.raw_vocab_size != saved.raw_vocab_size or given.fingerprint() != saved.fingerprint():
+        raise ValueError(
+            f"the tokenizer does not match the compression table of {where} (tokenizer: {given.raw_vocab_size} ids, "
+            f"fingerprint {given.fingerprint()}; saved: {saved.raw_vocab_size} ids, fingerprint {saved.fingerprint()}); "
+            "Engram would hash different n-grams - use the tokenizer the model was built with"
+        )
+
+
 class NgramHashMapping(nn.Module):
     """Compression + multi-head N-gram hashing for every Engram layer.
 
@@ -289,6 +301,15 @@ class NgramHashMapping(nn.Module):
         if history is None:
             history = self.initial_history(compressed.shape[0], compressed.device)
         return torch.cat([history, compressed], dim=1)[:, -self.history_len :]
+
+    def check_same_as_saved(self, saved: dict[str, Any], where: str = "the model") -> None:
+        """``ValueError`` unless the multipliers and table sizes equal a saved
+        :meth:`state_dict_extra` (a model saved by a version that hashed differently)."""
+        for what in ("multipliers", "table_sizes"):
+            now = {str(k): v for k, v in getattr(self, what).items()}
+            if now != saved.get(what):
+                raise ValueError(f"{where} was hashed differently from this engram version: saved {what} "
+                                 f"{saved.get(what)} vs {now}")
 
     def state_dict_extra(self) -> dict[str, Any]:
         """Everything needed to rebuild this mapping without the tokenizer."""

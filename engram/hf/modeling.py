@@ -42,7 +42,7 @@ from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
 from engram.hf.compat import initialization as init
 
 from engram.config import EngramConfig
-from engram.core.hashing import NgramHashMapping
+from engram.core.hashing import NgramHashMapping, check_same_compression
 from engram.hf.cache import EngramCacheLayer, engram_cache_layer
 from engram.hf.families import FamilyAdapter, adapter_for
 from engram.nn.memory import MultiHeadEmbedding, table_parameters
@@ -97,21 +97,11 @@ def build_hashing(engram_config: EngramConfig, saved: dict | None, tokenizer: An
     if saved is not None:
         compressed = CompressedTokenizer.from_state_dict(saved["compressed"])
         if tokenizer is not None:
-            given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
-            if given.raw_vocab_size != compressed.raw_vocab_size or given.fingerprint() != compressed.fingerprint():
-                raise ValueError(
-                    f"the tokenizer does not match the model's saved compression table (tokenizer: "
-                    f"{given.raw_vocab_size} ids, fingerprint {given.fingerprint()}; model: "
-                    f"{compressed.raw_vocab_size} ids, fingerprint {compressed.fingerprint()}); "
-                    "Engram would hash different n-grams - use the tokenizer the model was built with"
-                )
+            check_same_compression(compressed, tokenizer, "the saved model")
         cfg = engram_config.replace(pad_id=int(saved["raw_pad_id"]))
         with torch.device("cpu"):  # never on meta: the hashing constants are not weights
             mapping = NgramHashMapping(cfg, compressed, multiplier_vocab=saved.get("multiplier_vocab"))
-        for what in ("multipliers", "table_sizes"):
-            now = {str(k): v for k, v in getattr(mapping, what).items()}
-            if now != saved[what]:
-                raise ValueError(f"saved Engram {what} differ from the ones this version computes: {saved[what]} vs {now}")
+        mapping.check_same_as_saved(saved, "the saved model")
         return mapping, cfg
     if tokenizer is None:
         if vocab_size is None:
@@ -284,35 +274,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Only Engram modules: the backbone's modules are dispatched to its own _init_weights.
-        if isinstance(module, MultiHeadEmbedding):
-            if module.init_std == 0:
-                init.zeros_(module.embedding.weight)
-            else:
-                init.normal_(module.embedding.weight, 0.0, module.init_std)
-            offsets = torch.tensor([0] + module.sizes[:-1], dtype=torch.long).cumsum(0)
-            init.copy_(module.offsets, offsets)
-        elif isinstance(module, ShortConv):
-            init.zeros_(module.conv.weight)
-            init.ones_(module.norm_weight)
-        elif isinstance(module, Engram):
-            cfg = module.config
-            if cfg.lite:
-                init.constant_(module.lite_scale, float(cfg.lite_scale_init))
-                return
-            linears = [module.value_proj] + ([module.key_proj] if cfg.use_gate else [])
-            for lin in linears:  # nn.Linear's own default init
-                init.kaiming_uniform_(lin.weight, a=5 ** 0.5)
-                if lin.bias is not None:
-                    bound = 1 / lin.in_features ** 0.5
-                    init.uniform_(lin.bias, -bound, bound)
-            if cfg.zero_init_output:
-                init.zeros_(module.value_proj.weight)
-                if module.value_proj.bias is not None:
-                    init.zeros_(module.value_proj.bias)
-            if cfg.use_gate:
-                init.ones_(module.key_norm_weight)
-                init.ones_(module.query_norm_weight)
+        # Only Engram modules (the backbone's are dispatched to its own _init_weights), each by its
+        # own reset_parameters, through transformers' init functions (they skip loaded weights).
+        if isinstance(module, (MultiHeadEmbedding, ShortConv, Engram)):
+            module.reset_parameters(init)
 
     # ------------------------------------------------------------------ parameters
     def engram_parameters(self) -> list[nn.Parameter]:

@@ -111,7 +111,7 @@ class Attention(nn.Module):
             if kv:
                 k = torch.cat([kv[0], k], dim=2)  # (B, nh, S, hd)
                 v = torch.cat([kv[1], v], dim=2)
-            kv[:] = [k, v]
+            kv[:] = [k.contiguous(), v.contiguous()]  # one stride pattern: a compiled step never recompiles for it
         S = k.shape[2]
         if S == T and pad_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -2,20 +2,76 @@
 
 Shapes: B batch, T time, H heads per layer, d head row width.
 
-Storage is swappable: offloaded or quantised tables replace this module with one that has the
-same ``forward(hash_ids) -> (B, T, H, d)`` contract (DESIGN.md §5).
+Storage is swappable: :class:`TableStorage` is the contract every table module keeps (this
+in-memory one, and the host / disk / cached / quantised ones of :mod:`engram.storage`), and the
+optimizers, offload and the models use only what it declares (DESIGN.md §5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
-class MultiHeadEmbedding(nn.Module):
+def head_offsets(sizes: list[int]) -> list[int]:
+    """First row of each head in the flat table: ``[0, s_0, s_0+s_1, ...]`` (DESIGN.md §2.5)."""
+    offsets = [0]
+    for s in sizes[:-1]:
+        offsets.append(offsets[-1] + int(s))
+    return offsets
+
+
+class TableStorage(nn.Module):
+    """The contract of a multi-head table, whatever holds its rows.
+
+    Attributes every storage sets: ``sizes`` (rows of each head), ``num_heads``, and the buffer
+    ``offsets`` ``(H,)`` (first row of each head in the flat table; it moves with ``.to()``).
+    Subclasses provide ``forward(hash_ids (B, T, H)) -> rows (B, T, H, d)``, ``embedding_dim`` and
+    may override :attr:`table_weight` (the table as a trainable parameter, if it is one),
+    :attr:`sparse_grad` and :meth:`cache_stats`.
+    """
+
+    sizes: list[int]
+    num_heads: int
+
+    @property
+    def embedding_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def table_weight(self) -> nn.Parameter | None:
+        """The table as an ``nn.Parameter`` ``(N, d)``, or ``None`` where the storage holds none
+        (disk or quantised tables)."""
+        return None
+
+    @property
+    def sparse_grad(self) -> bool:
+        """Whether :attr:`table_weight` receives sparse (row) gradients."""
+        return False
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """Hit statistics of a hot-row cache, if the storage has one."""
+        return None
+
+    def check_hash_ids(self, hash_ids: torch.Tensor) -> None:
+        """Raise if ``hash_ids`` (..., H) does not fit these tables."""
+        if hash_ids.dtype.is_floating_point or hash_ids.dtype == torch.bool:
+            raise TypeError(f"hash_ids must be an integer tensor, got dtype {hash_ids.dtype}")
+        if hash_ids.shape[-1] != self.num_heads:
+            raise ValueError(
+                f"hash_ids has {hash_ids.shape[-1]} heads in its last dim but the memory has {self.num_heads}"
+            )
+
+
+class MultiHeadEmbedding(TableStorage):
     """Flat table of ``sum(sizes)`` rows; head ``j`` owns rows ``offsets[j] .. offsets[j]+sizes[j]``.
 
     Args:
@@ -33,9 +89,7 @@ class MultiHeadEmbedding(nn.Module):
         self.sizes = [int(s) for s in sizes]
         self.num_heads = len(self.sizes)
         self.init_std = float(init_std)
-        offsets = [0]
-        for s in self.sizes[:-1]:
-            offsets.append(offsets[-1] + s)
+        offsets = head_offsets(self.sizes)
         # Offsets are tiny and always real, even when the table itself is only planned on "meta".
         on_meta = device is not None and torch.device(device).type == "meta"
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=None if on_meta else device))
@@ -48,32 +102,25 @@ class MultiHeadEmbedding(nn.Module):
         return self.embedding.embedding_dim
 
     @property
-    def num_rows(self) -> int:
-        return self.embedding.num_embeddings
-
-    @property
-    def table_weight(self) -> nn.Parameter | None:
-        """The table as an ``nn.Parameter`` ``(N, d)``, or ``None`` where the storage has none
-        (disk or quantised tables; storage-protocol attribute, see :func:`table_parameters`)."""
+    def table_weight(self) -> nn.Parameter:
         return self.embedding.weight
 
-    def reset_parameters(self) -> None:
+    @property
+    def sparse_grad(self) -> bool:
+        return self.embedding.sparse
+
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        """Table ~ N(0, init_std) (zeros for 0) and the head offsets. ``init``: a namespace of
+        ``torch.nn.init``-named functions (transformers passes ``transformers.initialization``)."""
         if self.embedding.weight.is_meta:
             return
-        with torch.no_grad():
-            if self.init_std == 0:
-                self.embedding.weight.zero_()
-            else:
-                self.embedding.weight.normal_(0.0, self.init_std)
-
-    def check_hash_ids(self, hash_ids: torch.Tensor) -> None:
-        """Raise if ``hash_ids`` (..., H) does not fit these tables."""
-        if hash_ids.dtype.is_floating_point or hash_ids.dtype == torch.bool:
-            raise TypeError(f"hash_ids must be an integer tensor, got dtype {hash_ids.dtype}")
-        if hash_ids.shape[-1] != self.num_heads:
-            raise ValueError(
-                f"hash_ids has {hash_ids.shape[-1]} heads in its last dim but the memory has {self.num_heads}"
-            )
+        if self.init_std == 0:
+            init.zeros_(self.embedding.weight)
+        else:
+            init.normal_(self.embedding.weight, 0.0, self.init_std)
+        if not self.offsets.is_meta:
+            with torch.no_grad():
+                self.offsets.copy_(torch.tensor(head_offsets(self.sizes), dtype=torch.long))
 
     def flat_rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """Per-head row index -> row of the flat table, ``(..., H)``."""
@@ -85,7 +132,7 @@ class MultiHeadEmbedding(nn.Module):
         return F.embedding(self.flat_rows(hash_ids), self.embedding.weight, sparse=self.embedding.sparse)
 
 
-def table_parameters(memories: Iterable[nn.Module]) -> list[nn.Parameter]:
+def table_parameters(memories: Iterable[TableStorage]) -> list[nn.Parameter]:
     """The table parameters of these storage modules (``engram.nn.memory`` of each Engram layer),
     skipping storage that holds no parameter (disk, quantised). The one implementation behind
     ``EngramGPT.table_parameters`` and ``EngramForCausalLM.table_parameters``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +86,13 @@ class ShortConv(nn.Module):
         channels = hidden_size * hc_mult
         self.norm_weight = nn.Parameter(torch.ones(hc_mult, hidden_size))
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
-        nn.init.zeros_(self.conv.weight)  # zero-initialised: the branch starts as Y = u
+        self.reset_parameters()
+
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        """Zero conv (the branch starts as ``Y = u``), unit norm weight. ``init``: a namespace of
+        ``torch.nn.init``-named functions (transformers passes ``transformers.initialization``)."""
+        init.zeros_(self.conv.weight)
+        init.ones_(self.norm_weight)
 
     @property
     def state_len(self) -> int:
@@ -109,8 +116,12 @@ class ShortConv(nn.Module):
         if state is not None:  # recording (keep): every row until the cache crops; else the last W
             new = torch.cat([past, xn], dim=1) if state.keep else window[:, T:]
             state.conv = new.detach()
-        y = F.conv1d(window.transpose(1, 2), self.conv.weight, dilation=self.dilation, groups=C)  # (B, C, T)
-        return F.silu(y.transpose(1, 2)).view(B, T, M, D)
+        # The depthwise dilated causal conv by its definition (what F.conv1d(groups=C) computes):
+        # y_t = sum_k w_k * x_{t-(K-1-k)d}, tap k reading window rows k*d .. k*d+T. Written out,
+        # torch.compile fuses it into one loop; F.conv1d would be an opaque oneDNN call per step.
+        w, d = self.conv.weight.view(C, self.kernel_size), self.dilation  # (C, K)
+        y = sum(window[:, k * d : k * d + T] * w[:, k] for k in range(self.kernel_size))  # (B, T, C)
+        return F.silu(y).view(B, T, M, D)
 
 
 class Engram(nn.Module):
@@ -155,10 +166,30 @@ class Engram(nn.Module):
             self.context_gate = ContextGate()
         if config.use_short_conv:
             self.short_conv = ShortConv(D, M, config.kernel_size, config.conv_dilation, config.conv_norm_eps).to(device)
-        if config.zero_init_output:
-            nn.init.zeros_(self.value_proj.weight)
+        self.reset_parameters()
+
+    def reset_parameters(self, init: Any = nn.init) -> None:
+        """(Re)initialise this branch's own weights (the table and the conv have their own
+        ``reset_parameters``): projections as ``nn.Linear`` does, the value projection at zero
+        with ``zero_init_output``, unit norm weights, ``lite_scale_init``. ``init`` is a namespace of
+        ``torch.nn.init``-named functions; transformers passes ``transformers.initialization``,
+        whose functions leave weights loaded from a checkpoint alone (engram.hf)."""
+        cfg = self.config
+        if cfg.lite:
+            init.constant_(self.lite_scale, float(cfg.lite_scale_init))
+            return
+        for lin in [self.value_proj] + ([self.key_proj] if cfg.use_gate else []):  # nn.Linear's own init
+            init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+            if lin.bias is not None:
+                bound = 1 / math.sqrt(lin.in_features)
+                init.uniform_(lin.bias, -bound, bound)
+        if cfg.zero_init_output:
+            init.zeros_(self.value_proj.weight)
             if self.value_proj.bias is not None:
-                nn.init.zeros_(self.value_proj.bias)
+                init.zeros_(self.value_proj.bias)
+        if cfg.use_gate:
+            init.ones_(self.key_norm_weight)
+            init.ones_(self.query_norm_weight)
 
     def lookup(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T, H)`` hash ids -> memory vector ``e`` ``(B, T, H*d)``."""

@@ -10,7 +10,7 @@ call. Every function here takes and returns tensors; which backend runs is chose
 
 Build: ``$CC`` (else ``cc``/``gcc``/``clang``) compiles the source once per (source, compiler,
 flags, CPU) into the kernel cache, a directory this user owns with mode 0700
-(``$ENGRAM_CACHE_DIR``, default ``$XDG_CACHE_HOME/engram`` or ``~/.cache/engram``). A library is
+(``kernels/`` under :func:`engram.ops.paths.cache_dir`, e.g. ``~/.cache/engram/kernels``). A library is
 loaded only from there, only if it is a regular file (not a symlink) owned by this user and not
 writable by others, and only if the SHA-256 recorded beside it at build time matches; anything
 else is rebuilt. There is no shared-``/tmp`` fallback: with no usable cache directory, or no
@@ -36,11 +36,12 @@ from typing import Iterator
 
 import torch
 
+from engram.ops.paths import cache_dir
 from engram.ops.threads import pool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "cache_dir", "enabled", "hash_ngrams", "hash_step", "library", "residues"]
+__all__ = ["available", "enabled", "hash_ngrams", "hash_step", "library", "residues"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "engram_cpu.c"
 _FLAG_SETS = (
@@ -60,13 +61,6 @@ _SIGNATURES = {  # name: (argument types, return type)
     "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P], None),
     "engram_mod": ([_I, _P, _P, _P], None),
 }
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$ENGRAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/engram``."""
-    if os.environ.get("ENGRAM_CACHE_DIR"):
-        return Path(os.environ["ENGRAM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "engram"
 
 
 def _cpu_id() -> str:
@@ -111,7 +105,7 @@ def _trusted(lib: Path) -> bool:
 
 def _compile(source: bytes, compiler: str) -> Path | None:
     """Build the shared library once per (source, compiler, flags, CPU); return its path or None."""
-    root = cache_dir()
+    root = cache_dir() / "kernels"
     if not _private_dir(root):
         return None
     suffix = ".dll" if sys.platform == "win32" else ".so"

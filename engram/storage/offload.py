@@ -124,7 +124,7 @@ def cache_stats(model: nn.Module) -> dict[int, dict[str, float]]:
     """``{layer_id: hit statistics}`` of every cached offloaded table in ``model``."""
     out = {}
     for e in engram_modules(model):
-        stats = getattr(e.memory, "cache_stats", lambda: None)()
+        stats = e.memory.cache_stats()
         if stats is not None:
             out[e.layer_id] = stats
     return out

@@ -18,14 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram.core.hashing import NgramHashMapping
-from engram.nn.memory import MultiHeadEmbedding
+from engram.nn.memory import MultiHeadEmbedding, TableStorage, head_offsets
 from engram.nn.module import Engram
 from engram.storage.cache import HotRowCache
 from engram.storage.quant import RowCodec, make_codec
 from engram.storage.stores import DiskRowStore, HostRowStore, _cuda_present
 
 
-class OffloadedMultiHeadEmbedding(nn.Module):
+class OffloadedMultiHeadEmbedding(TableStorage):
     """Base of the storage modules: flat-row addressing, cache, prefetch hand-off, training guard.
 
     Subclasses set ``self.store`` (``fetch(rows) -> parts``, ``put``) and ``self.codec``. Output
@@ -43,7 +43,7 @@ class OffloadedMultiHeadEmbedding(nn.Module):
         self.sizes = [int(s) for s in sizes]
         self.num_heads = len(self.sizes)
         self.codec = codec
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).tolist()
+        offsets = head_offsets(self.sizes)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=device))
         self.cache = (HotRowCache(cache_rows, codec.dim, codec.dtype, cache_policy, device)
                       if cache_rows else None)
@@ -57,14 +57,8 @@ class OffloadedMultiHeadEmbedding(nn.Module):
         return self.codec.dim
 
     @property
-    def num_rows(self) -> int:
-        return sum(self.sizes)
-
-    @property
     def device(self) -> torch.device:
         return self.offsets.device
-
-    check_hash_ids = MultiHeadEmbedding.check_hash_ids
 
     def flat_rows(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """Per-head row index -> row of the flat table, ``(..., H)``."""
@@ -242,6 +236,10 @@ class HostMultiHeadEmbedding(OffloadedMultiHeadEmbedding):
     @property
     def trainable(self) -> bool:
         return self.codec.name == "none" and self.cache is None
+
+    @property
+    def sparse_grad(self) -> bool:
+        return self.sparse
 
     def _grad_forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         flat = (hash_ids.to("cpu") + self.offsets.to("cpu"))  # (B, T, H)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from engram.models.gpt import EngramGPT, GPTConfig
+from engram.core.hashing import check_same_compression
 from engram.core.tokenizer import CompressedTokenizer
 
 FORMAT_NAME = "engram-checkpoint"
@@ -169,20 +170,10 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"checkpoint {str(root)!r} is corrupt: bad hashing state ({e})") from e
         if tokenizer is not None:
-            fp = CompressedTokenizer(tokenizer).fingerprint()
-            if fp != meta.get("tokenizer_fingerprint"):
-                raise ValueError(
-                    f"the tokenizer in {str(root / TOKENIZER_DIR)!r} compresses differently (fingerprint {fp}) "
-                    f"from the one the model was trained with ({meta.get('tokenizer_fingerprint')})"
-                )
+            check_same_compression(compressed, tokenizer, f"checkpoint {str(root)!r}")
     model = EngramGPT(gcfg, compressed)
     if model.hashing is not None:
-        got = {"multipliers": {str(k): v for k, v in model.hashing.multipliers.items()},
-               "table_sizes": {str(k): v for k, v in model.hashing.table_sizes.items()}}
-        want = {k: meta["hashing"].get(k) for k in got}
-        if got != want:
-            raise ValueError(f"checkpoint {str(root)!r} was hashed differently from this engram version "
-                             "(multipliers or table sizes differ)")
+        model.hashing.check_same_as_saved(meta["hashing"], f"checkpoint {str(root)!r}")
     weights = root / WEIGHTS_FILE
     if not weights.exists():
         raise ValueError(f"checkpoint {str(root)!r} is incomplete: no {WEIGHTS_FILE}")

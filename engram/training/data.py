@@ -31,6 +31,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from engram.ops.paths import cache_dir
+
 #: held-out share of each ``--data`` file (and of the default corpus) when no eval text is given.
 HOLDOUT_FRACTION = 0.1
 #: the default corpus is capped so tokenizer training and encoding stay fast on a laptop.
@@ -45,12 +47,6 @@ class Corpus:
     train_text: str
     eval_text: str
     source: str
-
-
-def cache_dir() -> Path:
-    """``$ENGRAM_CACHE`` or ``~/.cache/engram`` (created on demand)."""
-    root = Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engram"))
-    return root
 
 
 def _read_text(path: str | os.PathLike[str], what: str) -> str:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from engram.nn.memory import TableStorage
+
 
 class RowSparseAdam(torch.optim.SparseAdam):
     """``torch.optim.SparseAdam`` with the same update, state and hyper-parameters, in row ops.
@@ -96,14 +98,14 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def sparse_grad_parameters(model: nn.Module) -> set[int]:
-    """``id`` of every parameter that receives sparse gradients (embeddings built ``sparse=True``)."""
+    """``id`` of every parameter that receives sparse gradients: Engram tables whose storage says so
+    (:class:`~engram.nn.memory.TableStorage`) and embeddings built ``sparse=True``."""
     ids: set[int] = set()
     for m in model.modules():
-        if getattr(m, "sparse", False) is True:
-            ids.update(id(p) for p in m.parameters(recurse=False))
-        emb = getattr(m, "embedding", None)
-        if isinstance(emb, nn.Embedding) and emb.sparse:
-            ids.add(id(emb.weight))
+        if isinstance(m, TableStorage) and m.sparse_grad and m.table_weight is not None:
+            ids.add(id(m.table_weight))
+        elif isinstance(m, nn.Embedding) and m.sparse:
+            ids.add(id(m.weight))
     return ids
 
 

@@ -29,6 +29,21 @@ static inline int64_t mod_p(int64_t x, uint64_t p, uint64_t m) {
 }
 #endif
 
+/* mod_p with |x| and the sign of x given (one order's K heads share them). */
+#ifdef __SIZEOF_INT128__
+static inline int64_t mod_abs(uint64_t u, int neg, uint64_t p, uint64_t m) {
+    uint64_t r = u - (uint64_t)(((unsigned __int128)u * m) >> 64) * p;
+    if (r >= p) r -= p;
+    return (int64_t)(neg && r ? p - r : r);
+}
+#else
+static inline int64_t mod_abs(uint64_t u, int neg, uint64_t p, uint64_t m) {
+    (void)m;
+    const uint64_t r = u % p;
+    return (int64_t)(neg && r ? p - r : r);
+}
+#endif
+
 /* Residues of n signed mixes by n primes (a test hook for mod_p): out[i] = x[i] mod p[i]. */
 void engram_mod(int64_t n, const int64_t *x, const int64_t *p, int64_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = mod_p(x[i], (uint64_t)p[i], UINT64_MAX / (uint64_t)p[i]);
@@ -48,22 +63,19 @@ static void hash_rows(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_
             const int64_t *row = full + b * row_len + (N - 1);
             for (int64_t t = t0; t < t1; t++) {
                 int64_t *o = out + ((l * B + b) * T + t) * H;
-                uint64_t mix = 0;
-                for (int64_t k = 0; k < N; k++) {
+                uint64_t mix = (uint64_t)row[t] * (uint64_t)ml[0];
+                for (int64_t k = 1; k < N; k++) { /* order k+1: |mix| and its sign once, then K residues */
                     mix ^= (uint64_t)row[t - k] * (uint64_t)ml[k];
-                    if (k >= 1)
-                        for (int64_t j = 0; j < K; j++)
-                            o[(k - 1) * K + j] = mod_p((int64_t)mix, (uint64_t)pl[(k - 1) * K + j], mg[(k - 1) * K + j]);
+                    const int neg = (int64_t)mix < 0;
+                    const uint64_t u = neg ? (uint64_t)0 - mix : mix;
+                    const int64_t off = (k - 1) * K;
+                    for (int64_t j = 0; j < K; j++) o[off + j] = mod_abs(u, neg, (uint64_t)pl[off + j], mg[off + j]);
                 }
             }
         }
     }
 }
 
-/* Hash already compressed ids (NgramHashMapping.hash_compressed): full (B, row_len) with
- * row_len = N-1+T (history then ids), positions [t0, t1) of out (L, B, T, H); magic (L, H) is
- * floor((2^64-1)/p) of every prime (the caller computes it once). Several calls on disjoint
- * [t0, t1) may run at once (threads). */
 void engram_hash(int64_t B, int64_t T, int64_t t0, int64_t t1, const int64_t *full, int64_t L, int64_t N, int64_t K,
                  const int64_t *mult, const int64_t *primes, const uint64_t *magic, int64_t *out) {
     hash_rows(B, T, t0, t1, full, N - 1 + T, L, N, K, mult, primes, magic, out);

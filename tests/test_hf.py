@@ -621,3 +621,18 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/transformers.md[python block {i}]", "exec"), {"__name__": "__doc__"})
+
+
+@pytest.mark.parametrize("order", ["transformers first", "engram first, a model class next"])
+def test_auto_classes_find_engram_checkpoints_in_either_import_order(tok, tmp_path, order):
+    """`import engram` no longer imports transformers; the Auto classes still find the model."""
+    model = EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)
+    model.save_pretrained(tmp_path / "m")
+    first = ("import transformers, engram" if order == "transformers first"
+             else "import engram, sys; assert 'transformers' not in sys.modules; from transformers import GPT2LMHeadModel")
+    code = (f"{first}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            f"c = AutoConfig.from_pretrained({str(tmp_path / 'm')!r}); assert type(c).__name__ == 'EngramCausalLMConfig'\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+            "assert type(m).__name__ == 'EngramForCausalLM', type(m)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -107,6 +107,6 @@ def adapter_for(config: Any) -> FamilyAdapter:
     if adapter is None:
         raise ValueError(
             f"model_type={model_type!r} has no Engram adapter (supported: {supported_model_types()}); "
-            "see engram/hf_families.py 'Adding a family' to register one"
+            "see engram/hf/families.py 'Adding a family' to register one"
         )
     return adapter

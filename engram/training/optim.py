@@ -9,7 +9,7 @@ uses :class:`RowSparseAdam`: ``torch.optim.SparseAdam``'s lazy Adam (only rows p
 gradient are read or written), same math and state, run as dense row ops (1.75x faster on CPU).
 On rows touched at every step it equals dense Adam; a row skipped at a step keeps its moments
 and value there, where dense Adam would decay the moments and still move the row by its
-momentum (tests/test_perf_paths.py pins both facts). One more convention differs: Adam adds
+momentum (tests/test_optim.py pins both facts). One more convention differs: Adam adds
 ``eps`` after bias-correcting ``v``, SparseAdam before, which matters only for gradients near
 ``eps``. Dense-gradient tables keep ``torch.optim.Adam``.
 Both keep two fp32 moments per table entry: ``2 * d * 4`` bytes of optimizer state per row
@@ -37,7 +37,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
     Engram's training-step overhead in the study model). Here the touched rows are gathered with
     ``index_select``, updated densely in the same order of operations and written back with
     ``index_add_`` (unique rows after coalescing, so each is one plain add): 8.6 ms for the same
-    step, bit-identical to SparseAdam (tests/test_perf_paths.py), and its state dict loads into
+    step, bit-identical to SparseAdam (tests/test_optim.py), and its state dict loads into
     SparseAdam and back.
     Parameters must get row-sparse gradients (``sparse_dim() == 1``: ``nn.Embedding(sparse=True)``).
     """

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from engram import EngramConfig
-from engram.core.tokenizer import CompressedTokenizer
-from engram.models.gpt import EngramGPT, GPTConfig
+from helpers import tiny_gpt
 from engram.nn.module import Engram, EngramLayerState
 
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                reason="torch.compile on CPU needs a C++ compiler")
 
-
-def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
-    """A compressed tokenizer without HF: raw id i -> canonical i // 2."""
-    return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
-
-
-def tiny_gpt(sparse: bool) -> EngramGPT:
-    eng = EngramConfig(hidden_size=32, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=4,
-                       engram_vocab_size=[211, 307], pad_id=1, sparse_grad=sparse)
-    torch.manual_seed(0)
-    return EngramGPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, engram=eng),
-                     tiny_tokenizer())
 
 
 @pytest.mark.slow

@@ -12,23 +12,17 @@ import stat
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from engram import EngramConfig
 from engram.core.hashing import NgramHashMapping
-from engram.core.tokenizer import CompressedTokenizer
 from engram.ops import cpu
 from engram.ops.hash import barrett_magic, hash_ngrams, hash_ngrams_reference
+from helpers import tiny_tokenizer
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-
-
-def tiny_tokenizer(vocab: int = 97) -> CompressedTokenizer:
-    """A compressed tokenizer without HF: raw id i -> canonical i // 2 (pairs merge, as casing does)."""
-    return CompressedTokenizer(lookup_table=np.arange(vocab, dtype=np.int64) // 2)
 
 
 def mapping(sizes=(211, 307), max_ngram: int = 3, **kw) -> NgramHashMapping:

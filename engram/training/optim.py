@@ -29,6 +29,14 @@ from torch import nn
 from engram.nn.memory import TableStorage
 
 
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The loss of an optimizer ``step(closure)``: the closure re-evaluated with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class RowSparseAdam(torch.optim.SparseAdam):
     """``torch.optim.SparseAdam`` with the same update, state and hyper-parameters, in row ops.
 
@@ -44,10 +52,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, lr, maximize = group["eps"], float(group["lr"]), group.get("maximize", False)
@@ -175,10 +180,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for o in self.optimizers:
             o.step()
         return loss

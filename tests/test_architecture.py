@@ -106,3 +106,13 @@ def test_import_engram_is_light():
     code = "import sys, engram; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_package_data_globs_match_the_files_a_non_editable_install_needs():
+    """The C source and the demo corpus must ship in a wheel (a moved file once fell out of it)."""
+    import tomllib
+
+    globs = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["engram"]
+    shipped = {p for g in globs for p in ROOT.glob(g)}
+    assert ROOT / "ops" / "csrc" / "engram_cpu.c" in shipped
+    assert ROOT / "assets" / "tiny_corpus.txt" in shipped

@@ -36,6 +36,9 @@ class _LazyEngramConfig:
 
         return CONFIG_MAPPING[model_type]
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # AutoConfig.for_model(model_type, ...)
+        return cls._real(cls.model_type)(*args, **kwargs)
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs: Any) -> Any:
         return cls._real(config_dict.get("model_type", cls.model_type)).from_dict(config_dict, **kwargs)

@@ -632,6 +632,7 @@ def test_auto_classes_find_engram_checkpoints_in_either_import_order(tok, tmp_pa
              else "import engram, sys; assert 'transformers' not in sys.modules; from transformers import GPT2LMHeadModel")
     code = (f"{first}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
             f"c = AutoConfig.from_pretrained({str(tmp_path / 'm')!r}); assert type(c).__name__ == 'EngramCausalLMConfig'\n"
+            "assert type(AutoConfig.for_model('engram_causal_lm')).__name__ == 'EngramCausalLMConfig'\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
             "assert type(m).__name__ == 'EngramForCausalLM', type(m)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

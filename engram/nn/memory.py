@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engram.core.validation import ids_checks_forced
+
 
 def head_offsets(sizes: list[int]) -> list[int]:
     """First row of each head in the flat table: ``[0, s_0, s_0+s_1, ...]`` (DESIGN.md §2.5)."""
@@ -62,13 +64,29 @@ class TableStorage(nn.Module):
         return None
 
     def check_hash_ids(self, hash_ids: torch.Tensor) -> None:
-        """Raise if ``hash_ids`` (..., H) does not fit these tables."""
+        """Raise if ``hash_ids`` (..., H) does not fit these tables: dtype, head count, and each
+        head's rows in ``[0, sizes[j])`` (a row past a head's table would read the next head's
+        rows). The range is read back, so it is checked on CPU tensors (free there), on
+        accelerators only with ``ENGRAM_CHECK_IDS=1``, and never inside a compiled graph (the
+        models' own hash is in range by construction: ``mix mod p``)."""
         if hash_ids.dtype.is_floating_point or hash_ids.dtype == torch.bool:
             raise TypeError(f"hash_ids must be an integer tensor, got dtype {hash_ids.dtype}")
         if hash_ids.shape[-1] != self.num_heads:
             raise ValueError(
                 f"hash_ids has {hash_ids.shape[-1]} heads in its last dim but the memory has {self.num_heads}"
             )
+        if hash_ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if hash_ids.device.type == "cpu" or ids_checks_forced():
+            sizes = torch.tensor(self.sizes, device=hash_ids.device)  # (H,)
+            bad = (hash_ids < 0) | (hash_ids >= sizes)  # (..., H)
+            if bool(bad.any()):
+                j = int(bad.reshape(-1, self.num_heads).any(0).nonzero()[0])
+                col = hash_ids[..., j]
+                raise ValueError(
+                    f"hash_ids of head {j} must be in [0, {self.sizes[j]}), got values in "
+                    f"[{int(col.min())}, {int(col.max())}]"
+                )
 
 
 class MultiHeadEmbedding(TableStorage):

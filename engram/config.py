@@ -11,8 +11,16 @@ the reference demo.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as an int; a float with a fraction (or anything else) is a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    return int(value)
 
 
 @dataclass
@@ -91,9 +99,9 @@ class EngramConfig:
                     f"engram_table_size={self.engram_table_size!r} disagrees with "
                     f"engram_vocab_size={self.engram_vocab_size!r}; give one of them"
                 )
-        self.engram_vocab_size = [int(v) for v in self.engram_vocab_size]
+        self.engram_vocab_size = [_as_int(v, f"engram_vocab_size[{i}]") for i, v in enumerate(self.engram_vocab_size)]
         self.engram_table_size = None
-        self.layer_ids = [int(i) for i in self.layer_ids]
+        self.layer_ids = [_as_int(v, f"layer_ids[{i}]") for i, v in enumerate(self.layer_ids)]
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -124,6 +132,12 @@ class EngramConfig:
         for i, size in enumerate(self.engram_vocab_size):
             if size < 2:
                 raise ValueError(f"engram_vocab_size[{i}]={size} must be >= 2 (a table size)")
+        for i, size in enumerate(self.engram_vocab_size):
+            if size >= 2**62:
+                raise ValueError(f"engram_vocab_size[{i}]={size} is too large (rows of one head must be < 2**62)")
+        if not self.layer_ids:
+            raise ValueError("layer_ids is empty: give at least one 0-based block index for an Engram branch "
+                             "(or build the model without an engram config)")
         if any(i < 0 for i in self.layer_ids):
             raise ValueError(f"layer_ids={self.layer_ids!r} must be non-negative")
         if len(set(self.layer_ids)) != len(self.layer_ids):
@@ -134,6 +148,10 @@ class EngramConfig:
             raise ValueError(f"pad_id={self.pad_id!r} must be an int, a token string or None")
         if not self.conv_norm_eps > 0:
             raise ValueError(f"conv_norm_eps={self.conv_norm_eps!r} must be > 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an int >= 0 (it seeds numpy's default_rng)")
+        if not isinstance(self.lite_scale_init, (int, float)) or not math.isfinite(self.lite_scale_init):
+            raise ValueError(f"lite_scale_init={self.lite_scale_init!r} must be a finite number")
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -21,3 +21,67 @@ def test_hash_ids_outside_a_head_are_an_error_not_the_neighbours_rows(storage):
         mem(torch.tensor([[[5, 0]]]))
     with pytest.raises(ValueError, match=r"head 1 must be in \[0, 7\)"):
         mem(torch.tensor([[[0, -1]]]))
+
+
+def test_generate_and_forward_arguments_are_checked():
+    from helpers import tiny_gpt
+
+    m = tiny_gpt(False).eval()
+    prompt = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="prompt"):
+        m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="top_k"):
+        m.generate(prompt, 3, top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(prompt, 3, temperature=float("nan"))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate(prompt, -1)
+    with pytest.raises(ValueError, match="at least one token"):
+        m(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long))
+    with torch.no_grad():  # any integer dtype is accepted, with the same result
+        assert torch.equal(m(prompt.to(torch.uint8))[0], m(prompt)[0])
+        assert torch.equal(m(prompt.int())[0], m(prompt)[0])
+    with pytest.raises(TypeError, match="integer"):
+        m(prompt.float())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"layer_ids": []}, "layer_ids is empty"),
+    ({"seed": -1}, "seed"),
+    ({"engram_vocab_size": [100.7, 200]}, "must be an integer"),
+    ({"engram_vocab_size": [10**19, 10**19]}, "too large"),
+    ({"lite": True, "lite_scale_init": float("nan")}, "lite_scale_init"),
+])
+def test_config_values_are_checked(kw, match):
+    from engram import EngramConfig
+
+    base = dict(hidden_size=32, layer_ids=[0], engram_vocab_size=[101, 103])
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        EngramConfig(**base)
+    assert EngramConfig(hidden_size=32, layer_ids=[0], engram_vocab_size=[101.0, 103.0]).engram_vocab_size == [101, 103]
+
+
+def test_gpt_config_values_are_checked():
+    from engram import GPTConfig
+
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        GPTConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=32, mlp_ratio=-1)
+
+
+def test_hidden_states_of_another_dtype_are_a_clear_error():
+    from helpers import tiny_gpt
+
+    eng = tiny_gpt(False).engram_layers()[0]
+    ids = torch.zeros(1, 2, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match="float16 but the Engram weights are torch.float32"):
+        eng(torch.randn(1, 2, 32).half(), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision is fine
+        assert torch.isfinite(eng(torch.randn(1, 2, 32).bfloat16(), ids)).all()
+
+
+def test_tables_larger_than_ram_fail_before_the_allocator():
+    with pytest.raises(ValueError, match="GiB of RAM.*offload"):
+        MultiHeadEmbedding([10**12, 10**12], 64)
+    meta = MultiHeadEmbedding([10**12, 10**12], 64, device="meta")  # planned, never allocated: fine
+    assert meta.num_rows == 2 * 10**12

@@ -49,6 +49,8 @@ class GPTConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a finite number > 0")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even width")
         if self.engram is not None:
@@ -266,6 +268,7 @@ class EngramGPT(nn.Module):
         function so that a compiled model (``model.compile()``) breaks its graph once here.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
+        input_ids = input_ids.long()  # any integer dtype in
         if input_ids.device.type == "cpu" or ids_checks_forced():  # no host sync per step on a device
             self.check_id_range(input_ids)
         B, T = input_ids.shape
@@ -313,6 +316,9 @@ class EngramGPT(nn.Module):
         ``model.compile(dynamic=True)`` compiles everything after the id checks and the hash.
         """
         pad_mask, new_mask, hash_ids = self._prepare(input_ids, cache, attention_mask, hash_ids)
+        input_ids = input_ids.long()  # any integer dtype (uint8, int32, ...) in, int64 indices
+        if targets is not None and input_ids.shape[1] == 0:
+            raise ValueError("forward with targets needs at least one token (T=0 has no loss)")
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
@@ -350,6 +356,14 @@ class EngramGPT(nn.Module):
         back to the host (sampled ids are in range by construction), so a compiled model
         (``model.compile(mode="reduce-overhead")`` on CUDA) can replay them as graphs.
         """
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate needs a prompt of shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} must be an int >= 1 or None (no truncation)")
         self.check_id_range(input_ids)
         cache = self.new_cache()
         logits, _ = self(input_ids, cache=cache)

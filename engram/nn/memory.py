@@ -9,6 +9,7 @@ optimizers, offload and the models use only what it declares (DESIGN.md §5).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +26,27 @@ def head_offsets(sizes: list[int]) -> list[int]:
     for s in sizes[:-1]:
         offsets.append(offsets[-1] + int(s))
     return offsets
+
+
+def _physical_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return None
+
+
+def _check_fits_in_ram(rows: int, dim: int, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    """A clear error, before the allocator's, for a CPU table larger than this machine's RAM."""
+    where = torch.device(device) if device is not None else torch.empty(0).device
+    if where.type != "cpu":
+        return
+    nbytes, ram = rows * dim * (dtype or torch.get_default_dtype()).itemsize, _physical_ram()
+    if ram is not None and nbytes > ram:
+        raise ValueError(
+            f"the Engram tables need {nbytes / 2**30:,.1f} GiB ({rows:,} rows x {dim}) but this machine has "
+            f"{ram / 2**30:,.1f} GiB of RAM: use smaller engram_vocab_size, or build the tables on 'meta' "
+            "(table_device='meta') and put them on disk with engram.offload(model, 'disk', path=...)"
+        )
 
 
 class TableStorage(nn.Module):
@@ -111,6 +133,7 @@ class MultiHeadEmbedding(TableStorage):
         # Offsets are tiny and always real, even when the table itself is only planned on "meta".
         on_meta = device is not None and torch.device(device).type == "meta"
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=None if on_meta else device))
+        _check_fits_in_ram(sum(self.sizes), dim, device, dtype)
         # Named like the reference (`multi_head_embedding.embedding.weight`).
         self.embedding = nn.Embedding(sum(self.sizes), dim, sparse=sparse, device=device, dtype=dtype)
         self.reset_parameters()

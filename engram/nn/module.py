@@ -46,6 +46,13 @@ class EngramLayerState:
             self.conv = self.conv.index_select(0, index.to(self.conv.device))
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
+
+
 def signed_sqrt(z: torch.Tensor) -> torch.Tensor:
     """``sign(z) * sqrt(max(|z|, 1e-6))``, the reference's squashing of the gate logit."""
     return z.abs().clamp_min(1e-6).sqrt() * z.sign()
@@ -239,4 +246,10 @@ class Engram(nn.Module):
             )
         if hash_ids.ndim != 3 or hash_ids.shape[:2] != (B, T):
             raise ValueError(f"hash_ids must be (B, T, H)=({B}, {T}, H), got {tuple(hash_ids.shape)}")
+        weight = self.lite_scale if cfg.lite else self.value_proj.weight
+        if hidden_states.dtype != weight.dtype and not _autocast_on(hidden_states.device.type):
+            raise TypeError(
+                f"hidden_states are {hidden_states.dtype} but the Engram weights are {weight.dtype}: cast one to "
+                "the other (module.to(dtype)) or run under torch.autocast"
+            )
         return hidden_states

@@ -85,3 +85,33 @@ def test_tables_larger_than_ram_fail_before_the_allocator():
         MultiHeadEmbedding([10**12, 10**12], 64)
     meta = MultiHeadEmbedding([10**12, 10**12], 64, device="meta")  # planned, never allocated: fine
     assert meta.num_rows == 2 * 10**12
+
+
+def test_cli_numbers_are_checked_by_argparse(capsys):
+    from engram.cli import main
+
+    for flags, what in ((["--threads", "-1"], "--threads"), (["--grad-clip", "nan"], "--grad-clip"),
+                        (["--lr", "0"], "--lr"), (["--steps", "0"], "--steps"), (["--seed", "-3"], "--seed")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--out", "unused", *flags])
+        assert e.value.code == 2
+        assert what in capsys.readouterr().err
+
+
+def test_training_config_rejects_non_finite_numbers():
+    from engram.training.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=float("nan"))
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=float("inf"))
+
+
+def test_inspect_heatmap_path_is_the_file_written(tmp_path):
+    from engram.cli.inspect import heatmap_path
+
+    assert heatmap_path(tmp_path) == tmp_path / "engram-inspect.png"
+    assert heatmap_path(tmp_path / "gates") == tmp_path / "gates.png"
+    assert heatmap_path(tmp_path / "g.png") == tmp_path / "g.png"
+    with pytest.raises(ValueError, match="does not exist"):
+        heatmap_path(tmp_path / "no" / "g.png")

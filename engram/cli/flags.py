@@ -4,6 +4,7 @@ settings, optimisation), parsed one way, and the small helpers every command use
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -49,20 +50,46 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="dense table gradients and Adam (default: sparse gradients and lazy Adam (RowSparseAdam), O(rows touched))")
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type``: an int >= ``minimum`` (the error names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {minimum}")
+        return v
+    return parse
+
+
+def finite_float(minimum: float = 0.0, strict: bool = False):
+    """An argparse ``type``: a finite float >= ``minimum`` (> with ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < minimum or (strict and v == minimum):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {'>' if strict else '>='} {minimum}")
+        return v
+    return parse
+
+
 def add_optim_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, help="step budget per model")
-    g.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds of training per model (own clock)")
-    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
-    g.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="dense learning rate (default %(default)s)")
-    g.add_argument("--table-lr-mult", type=float, default=DEFAULTS["table_lr_mult"], help="table lr multiplier (default %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], help="default %(default)s")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of dense matrices (default %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default %(default)s)")
-    g.add_argument("--eval-points", type=int, default=8, help="held-out evaluations over the budget (default %(default)s)")
-    g.add_argument("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"], help="held-out tokens per evaluation (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights and token stream (default %(default)s)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--steps", type=int_at_least(1), help="step budget per model")
+    g.add_argument("--time-budget", type=finite_float(0.0, strict=True), metavar="SECONDS", help="seconds of training per model (own clock)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=DEFAULTS["batch_size"], help="default %(default)s")
+    g.add_argument("--lr", type=finite_float(0.0, strict=True), default=DEFAULTS["lr"], help="dense learning rate (default %(default)s)")
+    g.add_argument("--table-lr-mult", type=finite_float(0.0, strict=True), default=DEFAULTS["table_lr_mult"], help="table lr multiplier (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int_at_least(0), default=DEFAULTS["warmup_steps"], help="default %(default)s")
+    g.add_argument("--weight-decay", type=finite_float(0.0), default=0.1, help="AdamW decay of dense matrices (default %(default)s)")
+    g.add_argument("--grad-clip", type=finite_float(0.0), default=1.0, help="max gradient norm, 0 = off (default %(default)s)")
+    g.add_argument("--eval-points", type=int_at_least(1), default=8, help="held-out evaluations over the budget (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int_at_least(1), default=DEFAULTS["eval_tokens"], help="held-out tokens per evaluation (default %(default)s)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights and token stream (default %(default)s)")
+    g.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

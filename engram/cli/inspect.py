@@ -147,9 +147,23 @@ def inspect(checkpoint: str, text: str, out: str | None = None, max_tokens: int 
     }
     if out and gates:
         shown = [tok.decode([i]) for i in ids[:max_tokens]]
-        heatmap(gates, shown, Path(out))
-        result["heatmap"] = str(out)
+        path = heatmap_path(out)
+        heatmap(gates, shown, path)
+        result["heatmap"] = str(path)
     return result
+
+
+def heatmap_path(out: str | Path) -> Path:
+    """Where the heatmap goes: ``out`` itself if it names a file (``.png`` added when it has no
+    suffix), ``out/engram-inspect.png`` if it is a directory; the path reported is the one written."""
+    path = Path(out)
+    if path.is_dir():
+        return path / "engram-inspect.png"
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: the folder {str(path.parent)!r} does not exist")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

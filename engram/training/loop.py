@@ -90,8 +90,11 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "eval_points", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be a finite number >= 0 (0 = off)")
+        for name in ("lr", "table_lr_mult", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

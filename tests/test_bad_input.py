@@ -115,3 +115,28 @@ def test_inspect_heatmap_path_is_the_file_written(tmp_path):
     assert heatmap_path(tmp_path / "g.png") == tmp_path / "g.png"
     with pytest.raises(ValueError, match="does not exist"):
         heatmap_path(tmp_path / "no" / "g.png")
+
+
+def test_output_directory_is_checked_and_locked_before_training(tmp_path, capsys):
+    from engram.cli import main
+    from engram.training.checkpoint import RunLock
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, msg in ((afile, "is a file"), (afile / "sub", "is a file")):
+        assert main(["train", "--out", str(out), "--steps", "1"]) == 2
+        assert msg in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    with RunLock(busy):  # another run holds it: the second fails at once, naming the holder
+        assert main(["train", "--out", str(busy), "--steps", "1"]) == 2
+        assert f"in use by another engram run (pid {__import__('os').getpid()})" in capsys.readouterr().err
+        assert main(["study", "--out", str(busy), "--steps", "1"]) == 2
+    with RunLock(busy):  # released when the holder ends
+        pass
+
+
+def test_resume_writes_only_under_its_own_directory(tmp_path, capsys):
+    from engram.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "run"), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "drop --out" in capsys.readouterr().err

@@ -156,6 +156,20 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(tmp_path, text_file, monk
     assert [c["val_loss"] for c in r_cut["curve"]] == [c["val_loss"] for c in r_full["curve"]]
 
 
+def test_resuming_a_copied_run_leaves_the_original_alone(tmp_path, trained):
+    """A checkpoint records the directory it was trained in; resuming a copy must write the copy
+    (it used to write back to the original, and a crafted checkpoint could name any path)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    original = {p.name: p.read_bytes() for p in (trained / "checkpoint").iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(copy), "--steps", "14", "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in (trained / "checkpoint").iterdir() if p.is_file()} == original
+    resumed = ckpt.load_checkpoint(copy, load_training_state=True)
+    assert resumed.training_state["step"] == 14
+
+
 def test_train_refuses_to_overwrite_and_bad_input(tmp_path, trained, text_file, capsys):
     before = (trained / "checkpoint" / "model.safetensors").read_bytes()
     assert main(["train", "--data", str(text_file), "--steps", "2", "--out", str(trained), *TINY]) == 2

@@ -178,8 +178,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engram.training.checkpoint import RunLock  # noqa: PLC0415
+
     try:
-        report = run_study(args)
+        with RunLock(args.out):  # checked and locked before any data or training work
+            report = run_study(args)
     except (ValueError, TypeError, FloatingPointError) as e:
         return fail(str(e))
     print("\n".join(verdict_lines(report)))

@@ -38,12 +38,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from engram.training.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: PLC0415
-    from engram.training.loop import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
+    from engram.training.checkpoint import RunLock  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.resume:  # a resumed run writes under its own directory, never where the checkpoint says
+        resume = Path(args.resume)
+        run_dir = resume.parent if resume.name == "checkpoint" and not (resume / "checkpoint").exists() else resume
+        if args.out != "engram-run" and out.resolve() != run_dir.resolve():
+            raise ValueError(f"--resume {str(resume)!r} continues the run in {str(run_dir)!r}; drop --out "
+                             "(copy the run directory first to continue it elsewhere)")
+        out = run_dir
+    with RunLock(out):  # checked and locked before any data or training work
+        return _train(args, out)
+
+
+def _train(args: argparse.Namespace, out: Path) -> int:
+    from engram.training.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from engram.training.loop import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
+
     ckpt_dir = out / "checkpoint"
     if args.resume:
         ck = load_checkpoint(args.resume, load_training_state=True)
@@ -56,8 +70,6 @@ def _run(args: argparse.Namespace) -> int:
             setattr(args, k, v)
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
         model = ck.model
-        out = Path(saved.get("out", args.resume)) if args.out == "engram-run" else out
-        ckpt_dir = out / "checkpoint"
     else:
         if is_checkpoint(ckpt_dir) and not args.overwrite:
             raise ValueError(f"{str(ckpt_dir)!r} already holds a checkpoint; use --resume {out} to continue "

@@ -197,3 +197,58 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
             raise ValueError(f"checkpoint {str(root)!r} is corrupt: cannot read {STATE_FILE} ({e})") from e
     return Checkpoint(model, tokenizer, meta, state, root)
 
+
+
+class RunLock:
+    """Exclusive use of a run directory while a command writes into it (``with RunLock(out):``).
+
+    A second ``engram train`` / ``engram study`` on the same ``--out`` fails at once, naming the
+    process that holds it, instead of both runs writing and one being lost. The lock is an
+    ``flock`` on ``out/.engram-run.lock`` (released by the OS when the process ends, even by
+    ``kill -9``); where ``fcntl`` is missing (Windows) the directory is not locked.
+    """
+
+    NAME = ".engram-run.lock"
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        check_output_dir(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only
+        except ImportError:
+            return self
+        fd = os.open(self.out / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"{str(self.out)!r} is in use by another engram run (pid {holder}); wait for it to "
+                             "finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def check_output_dir(out: str | os.PathLike) -> None:
+    """``ValueError`` now, not after training, if ``out`` cannot be a writable directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    parent = out
+    while not parent.exists():  # the nearest existing ancestor must be a writable directory
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is not writable")

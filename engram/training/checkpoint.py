@@ -202,39 +202,39 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
 class RunLock:
     """Exclusive use of a run directory while a command writes into it (``with RunLock(out):``).
 
-    A second ``engram train`` / ``engram study`` on the same ``--out`` fails at once, naming the
-    process that holds it, instead of both runs writing and one being lost. The lock is an
-    ``flock`` on ``out/.engram-run.lock`` (released by the OS when the process ends, even by
-    ``kill -9``); where ``fcntl`` is missing (Windows) the directory is not locked.
+    A second ``engram train`` / ``engram study`` on the same ``--out`` fails at once instead of
+    both runs writing and one being lost. The lock is an ``flock`` on the directory itself, so no
+    file is added to it, and the OS releases it when the process ends (``kill -9`` included). A
+    directory this lock created is removed again if the run wrote nothing into it (bad input
+    writes nothing). Where ``fcntl`` is missing (Windows) the directory is not locked.
     """
-
-    NAME = ".engram-run.lock"
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.out = Path(out)
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> "RunLock":
         check_output_dir(self.out)
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl  # noqa: PLC0415 - POSIX only
         except ImportError:
             return self
-        fd = os.open(self.out / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"{str(self.out)!r} is in use by another engram run (pid {holder}); wait for it to "
-                             "finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            raise ValueError(f"{str(self.out)!r} is in use by another engram run; wait for it to finish or "
+                             "choose another --out") from None
         self._fd = fd
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()  # created for a run that wrote nothing
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None

@@ -47,9 +47,11 @@ def engram_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "engram")
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "engram":
-            for a in node.names:  # `from engram.hf import compat` names a module
+            out.add(node.module)  # `from engram.hf import compat` runs engram/hf/__init__.py too
+            for a in node.names:  # ... and names a module
                 full = f"{node.module}.{a.name}"
-                out.add(full if (ROOT.parent / full.replace(".", "/")).with_suffix(".py").exists() else node.module)
+                if (ROOT.parent / full.replace(".", "/")).with_suffix(".py").exists():
+                    out.add(full)
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; the package uses absolute engram.* imports")
     return out

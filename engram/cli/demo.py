@@ -20,13 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from engram import EngramConfig
-
-
-    from engram import EngramGPT
-
-
-    from engram import GPTConfig
+    from engram import EngramConfig, EngramGPT, GPTConfig
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else local_tokenizer()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args, gpt_config_from_args, train_config_from_args, prepare_data, pad_id_of, fail)
+from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
+                              fail, gpt_config_from_args, pad_id_of, prepare_data, train_config_from_args)
 
-# ---------------------------------------------------------------------- engram train
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="engram-run", help="output directory (default %(default)s)")
     p.add_argument("--no-engram", action="store_true", help="train the plain GPT (no Engram branch)")
@@ -38,14 +39,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from engram.training.checkpoint import RunLock  # noqa: PLC0415
+    from engram.training.checkpoint import RunLock, resolve_checkpoint_dir  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.resume:  # a resumed run writes under its own directory, never where the checkpoint says
         resume = Path(args.resume)
-        run_dir = resume.parent if resume.name == "checkpoint" and not (resume / "checkpoint").exists() else resume
+        ck_dir = resolve_checkpoint_dir(resume)  # DIR/checkpoint for a run directory
+        run_dir = ck_dir.parent if ck_dir.name == "checkpoint" else resume
         if args.out != "engram-run" and out.resolve() != run_dir.resolve():
             raise ValueError(f"--resume {str(resume)!r} continues the run in {str(run_dir)!r}; drop --out "
                              "(copy the run directory first to continue it elsewhere)")

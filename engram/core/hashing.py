@@ -135,8 +135,8 @@ class NgramHashMapping(nn.Module):
         multipliers: ``{layer_id: [N odd ints]}``.
         table_sizes: ``{layer_id: [[prime per head] per order]}``.
 
-    It is an ``nn.Module`` only so that ``.to(device)`` moves its constant buffers with the model;
-    it has no parameters and its buffers are not saved in state dicts.
+    It is an ``nn.Module`` so that models can hold it as a submodule; it has no parameters and no
+    buffers (its constants follow the ids' device, copied once per device).
     """
 
     def __init__(self, config: EngramConfig, tokenizer: Any, layer_ids: list[int] | None = None,
@@ -164,16 +164,14 @@ class NgramHashMapping(nn.Module):
             for lid in self.layer_ids
         }
         self.table_sizes = head_table_sizes(config, self.layer_ids)
-        # The hash constants as tensors, in layer order: (L, N) multipliers, (L, H) primes, and
-        # their CPU copies with the C kernel's Barrett constants (ids hashed on the CPU, e.g. in
-        # data loader workers, while the model and these buffers live on an accelerator).
+        # The hash constants as tensors, in layer order: (L, N) multipliers, (L, H) primes and, for
+        # the C kernel, the primes' Barrett constants; copied once to each other device ids come on.
         mult = torch.tensor([self.multipliers[l] for l in self.layer_ids], dtype=torch.long)
         mult = mult.reshape(-1, config.max_ngram_size)  # (L, N)
         primes = torch.tensor([[p for order in self.table_sizes[l] for p in order] for l in self.layer_ids],
                               dtype=torch.long).reshape(-1, config.n_heads_total)  # (L, H)
-        self.register_buffer("multiplier_table", mult, persistent=False)
-        self.register_buffer("prime_table", primes, persistent=False)
-        self._cpu = (mult.clone(), primes.clone(), barrett_magic(primes))
+        self._cpu = (mult, primes, barrett_magic(primes))
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, None]] = {}
         # Called with every hash_step's {layer_id: (B, T, H)} (engram.storage.prefetch's Prefetcher). A
         # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.
         self.step_listeners: list[Callable[[dict[int, torch.Tensor]], None]] = []
@@ -207,7 +205,10 @@ class NgramHashMapping(nn.Module):
         """``(multipliers (L, N), primes (L, H), Barrett constants or None)`` for ids on ``device``."""
         if device.type == "cpu":
             return self._cpu
-        return self.multiplier_table.to(device), self.prime_table.to(device), None
+        if device not in self._on_device:
+            mult, primes, _ = self._cpu
+            self._on_device[device] = (mult.to(device), primes.to(device), None)
+        return self._on_device[device]
 
     def _split(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
         return {lid: rows[i] for i, lid in enumerate(self.layer_ids)}  # {layer: (B, T, H)}

@@ -37,17 +37,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 
-from engram.hf import compat as hf_compat
-from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
-from engram.hf.compat import initialization as init
-
+import engram.hf.compat as hf_compat
 from engram.config import EngramConfig
 from engram.core.hashing import NgramHashMapping, check_same_compression
+from engram.core.tokenizer import CompressedTokenizer
 from engram.hf.cache import EngramCacheLayer, engram_cache_layer
+from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
+from engram.hf.compat import initialization as init
 from engram.hf.families import FamilyAdapter, adapter_for
 from engram.nn.memory import MultiHeadEmbedding, table_parameters
 from engram.nn.module import Engram, ShortConv
-from engram.core.tokenizer import CompressedTokenizer
 
 logger = logging.getLogger(__name__)
 

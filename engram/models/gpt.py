@@ -259,7 +259,7 @@ class EngramGPT(nn.Module):
     def new_cache(self) -> GPTCache:
         return GPTCache(kv=[[] for _ in self.blocks])
 
-    @torch.compiler.disable  # reads values back and hashes on Python ints: runs eagerly, outside a compiled graph
+    @torch.compiler.disable  # reads values back and calls the C hash kernel: runs eagerly, outside a compiled graph
     def _prepare(self, input_ids: torch.Tensor, cache: GPTCache | None, attention_mask: torch.Tensor | None,
                  hash_ids: dict[int, torch.Tensor] | None) -> tuple[Any, Any, Any]:
         """Check the ids, build the padding masks, hash; advance the cache's mask and n-gram history.
@@ -269,7 +269,7 @@ class EngramGPT(nn.Module):
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         input_ids = input_ids.long()  # any integer dtype in
-        if input_ids.device.type == "cpu" or ids_checks_forced():  # no host sync per step on a device
+        if self._checks_every_step(input_ids):
             self.check_id_range(input_ids)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -293,6 +293,12 @@ class EngramGPT(nn.Module):
             if cache is not None:
                 cache.history = history  # (B, N-1)
         return pad_mask, new_mask, hash_ids
+
+    @staticmethod
+    def _checks_every_step(input_ids: torch.Tensor) -> bool:
+        """Whether every forward range-checks its ids: free on the CPU; on a device it is a host
+        sync, so only with ``ENGRAM_CHECK_IDS=1`` (:meth:`generate` checks its prompt there)."""
+        return input_ids.device.type == "cpu" or ids_checks_forced()
 
     def check_id_range(self, input_ids: torch.Tensor) -> None:
         """``ValueError`` unless every id is in ``[0, vocab_size)`` (reads the ids back: a host sync
@@ -364,7 +370,8 @@ class EngramGPT(nn.Module):
             raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k={top_k!r} must be an int >= 1 or None (no truncation)")
-        self.check_id_range(input_ids)
+        if not self._checks_every_step(input_ids):  # else the first forward checks the prompt
+            self.check_id_range(input_ids)
         cache = self.new_cache()
         logits, _ = self(input_ids, cache=cache)
         out = [input_ids]

@@ -52,15 +52,23 @@ def _check_fits_in_ram(rows: int, dim: int, device: torch.device | str | None, d
 class TableStorage(nn.Module):
     """The contract of a multi-head table, whatever holds its rows.
 
-    Attributes every storage sets: ``sizes`` (rows of each head), ``num_heads``, and the buffer
-    ``offsets`` ``(H,)`` (first row of each head in the flat table; it moves with ``.to()``).
+    ``TableStorage.__init__(sizes, device)`` sets ``sizes`` (rows of each head), ``num_heads`` and the
+    buffer ``offsets`` ``(H,)`` (first row of each head in the flat table; it moves with ``.to()``).
     Subclasses provide ``forward(hash_ids (B, T, H)) -> rows (B, T, H, d)``, ``embedding_dim`` and
     may override :attr:`table_weight` (the table as a trainable parameter, if it is one),
     :attr:`sparse_grad` and :meth:`cache_stats`.
     """
 
-    sizes: list[int]
-    num_heads: int
+    def __init__(self, sizes: list[int], device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not sizes or min(int(s) for s in sizes) < 1:
+            raise ValueError(f"sizes must be a non-empty list of positive table sizes, got {sizes!r}")
+        self.sizes = [int(s) for s in sizes]
+        self.num_heads = len(self.sizes)
+        # Offsets are tiny and always real, even when the table itself is only planned on "meta".
+        on_meta = device is not None and torch.device(device).type == "meta"
+        self.register_buffer("offsets", torch.tensor(head_offsets(self.sizes), dtype=torch.long,
+                                                     device=None if on_meta else device))
 
     @property
     def embedding_dim(self) -> int:
@@ -123,16 +131,8 @@ class MultiHeadEmbedding(TableStorage):
 
     def __init__(self, sizes: list[int], dim: int, sparse: bool = False, init_std: float = 1.0,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        if not sizes or min(sizes) < 1:
-            raise ValueError(f"sizes must be a non-empty list of positive table sizes, got {sizes!r}")
-        self.sizes = [int(s) for s in sizes]
-        self.num_heads = len(self.sizes)
+        super().__init__(sizes, device)
         self.init_std = float(init_std)
-        offsets = head_offsets(self.sizes)
-        # Offsets are tiny and always real, even when the table itself is only planned on "meta".
-        on_meta = device is not None and torch.device(device).type == "meta"
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=None if on_meta else device))
         _check_fits_in_ram(sum(self.sizes), dim, device, dtype)
         # Named like the reference (`multi_head_embedding.embedding.weight`).
         self.embedding = nn.Embedding(sum(self.sizes), dim, sparse=sparse, device=device, dtype=dtype)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram.core.hashing import NgramHashMapping
-from engram.nn.memory import MultiHeadEmbedding, TableStorage, head_offsets
+from engram.nn.memory import MultiHeadEmbedding, TableStorage
 from engram.nn.module import Engram
 from engram.storage.cache import HotRowCache
 from engram.storage.quant import RowCodec, make_codec
@@ -35,16 +35,10 @@ class OffloadedMultiHeadEmbedding(TableStorage):
 
     def __init__(self, sizes: list[int], codec: RowCodec, cache_rows: int = 0, cache_policy: str = "lru",
                  device: torch.device | str | None = None, table_requires_grad: bool = False):
-        super().__init__()
-        if not sizes or min(int(s) for s in sizes) < 1:
-            raise ValueError(f"sizes must be a non-empty list of positive table sizes, got {sizes!r}")
+        super().__init__(sizes, device)
         if not isinstance(cache_rows, int) or isinstance(cache_rows, bool) or cache_rows < 0:
             raise ValueError(f"cache_rows must be an int >= 0, got {cache_rows!r}")
-        self.sizes = [int(s) for s in sizes]
-        self.num_heads = len(self.sizes)
         self.codec = codec
-        offsets = head_offsets(self.sizes)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long, device=device))
         self.cache = (HotRowCache(cache_rows, codec.dim, codec.dtype, cache_policy, device)
                       if cache_rows else None)
         self.table_requires_grad = table_requires_grad

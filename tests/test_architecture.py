@@ -25,7 +25,7 @@ RANKS = {
     "engram.cli": 7,
 }
 # Entry points above every layer: the package itself, its public shim and the Auto-class hook.
-TOP = {"engram", "engram.offload", "engram.hf_autoload"}
+TOP = {"engram", "engram.__main__", "engram.offload", "engram.hf_autoload"}
 
 
 def module_name(path: Path) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import random
 
 import pytest
@@ -117,12 +119,15 @@ def test_train_report_and_checkpoint(trained):
     for key in ("tokens_per_second", "step_seconds_median", "final_val_loss"):
         assert report[key] > 0
     assert report["steps"] == 12 and report["params_table"] > 0
-    assert ckpt.is_checkpoint(trained / "checkpoint")
+    latest = ckpt.resolve_checkpoint_dir(trained)
+    assert ckpt.is_checkpoint(latest) and latest == trained / "checkpoints" / "step-00000012"
+    assert (trained / "checkpoints" / "latest").read_text().strip() == latest.name
+    assert report["checkpoint"] == str(latest)
 
 
 def test_checkpoint_round_trip_same_logits(trained):
-    a = ckpt.load_checkpoint(trained)  # the --out dir resolves to its checkpoint/
-    b = ckpt.load_checkpoint(trained / "checkpoint")
+    a = ckpt.load_checkpoint(trained)  # the --out dir resolves to its latest checkpoint
+    b = ckpt.load_checkpoint(ckpt.resolve_checkpoint_dir(trained))
     x = torch.tensor([a.tokenizer.encode("the cat sees the moon.")])
     torch.testing.assert_close(a.model(x)[0], b.model(x)[0], rtol=0, atol=0)
     assert a.model.lm_head.weight is a.model.wte.weight  # tying survives loading
@@ -135,15 +140,15 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(tmp_path, text_file, monk
 
     original = data.TokenBatcher.batch
 
-    def interrupt_at_3(self, step):
+    def interrupt_in_step_3(self, step):  # a real Ctrl-C arriving in the middle of step 3
         if step == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, step)
 
-    monkeypatch.setattr(data.TokenBatcher, "batch", interrupt_at_3)
-    assert main(["train", *args, "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C saves first
+    monkeypatch.setattr(data.TokenBatcher, "batch", interrupt_in_step_3)
+    assert main(["train", *args, "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C: finish the step, save
     mid = ckpt.load_checkpoint(tmp_path / "cut", load_training_state=True)
-    assert mid.training_state["step"] == 3
+    assert mid.training_state["step"] == 4  # step 3 (the 4th) completed, never half-saved
     monkeypatch.setattr(data.TokenBatcher, "batch", original)
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
 
@@ -163,15 +168,18 @@ def test_resuming_a_copied_run_leaves_the_original_alone(tmp_path, trained):
 
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
-    original = {p.name: p.read_bytes() for p in (trained / "checkpoint").iterdir() if p.is_file()}
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    original = files(trained)
     assert main(["train", "--resume", str(copy), "--steps", "14", "--no-progress"]) == 0
-    assert {p.name: p.read_bytes() for p in (trained / "checkpoint").iterdir() if p.is_file()} == original
+    assert files(trained) == original
     resumed = ckpt.load_checkpoint(copy, load_training_state=True)
     assert resumed.training_state["step"] == 14
 
 
 def test_train_refuses_to_overwrite_and_bad_input(tmp_path, trained, text_file, capsys):
-    before = (trained / "checkpoint" / "model.safetensors").read_bytes()
+    before = (ckpt.resolve_checkpoint_dir(trained) / "model.safetensors").read_bytes()
     assert main(["train", "--data", str(text_file), "--steps", "2", "--out", str(trained), *TINY]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), *TINY]) == 2
@@ -180,7 +188,7 @@ def test_train_refuses_to_overwrite_and_bad_input(tmp_path, trained, text_file, 
     short.write_text("tiny text\n" * 3)
     assert main(["train", "--data", str(short), "--out", str(tmp_path / "y"), *TINY]) == 2
     assert "too short" in capsys.readouterr().err
-    assert (trained / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert (ckpt.resolve_checkpoint_dir(trained) / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -190,7 +198,7 @@ def test_checkpoint_errors(tmp_path, trained):
     with pytest.raises(ValueError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "nope")
     bad = tmp_path / "bad"
-    shutil.copytree(trained / "checkpoint", bad)
+    shutil.copytree(ckpt.resolve_checkpoint_dir(trained), bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
     with pytest.raises(ValueError, match="format version 99"):
@@ -203,11 +211,18 @@ def test_checkpoint_errors(tmp_path, trained):
     (bad / "model.safetensors").write_bytes(w[: len(w) // 2])
     with pytest.raises(ValueError, match="corrupt"):
         ckpt.load_checkpoint(bad)
-    # A different tokenizer in the checkpoint: the compression fingerprint no longer matches.
-    shutil.copy(trained / "checkpoint" / "model.safetensors", bad / "model.safetensors")
+    # A different tokenizer in the checkpoint: its manifest catches it first; in a checkpoint
+    # without a manifest (format 1) the compression fingerprint no longer matches.
+    shutil.copy(ckpt.resolve_checkpoint_dir(trained) / "model.safetensors", bad / "model.safetensors")
     shutil.rmtree(bad / "tokenizer")
     data.train_bpe_tokenizer(make_text(seed=9) + "zebra quartz jump\n" * 50, 300).save_pretrained(str(bad / "tokenizer"))
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match="tokenizer"):
+        ckpt.load_checkpoint(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="incomplete: no manifest.json"):
+        ckpt.load_checkpoint(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    with pytest.warns(UserWarning, match="without verification"), pytest.raises(ValueError, match="fingerprint"):
         ckpt.load_checkpoint(bad)
     # Saving over something that is not a checkpoint is refused and leaves it alone.
     other = tmp_path / "other"

@@ -27,6 +27,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", metavar="NAME", help="a Hugging Face `datasets` corpus (needs the package and a network)")
     g.add_argument("--tokenizer", metavar="PATH_OR_NAME", help="HF tokenizer (default: byte-level BPE trained on the data, cached)")
     g.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"], help="size of the trained BPE (default %(default)s)")
+    g.add_argument("--encoding", metavar="NAME", help="text encoding of the --data files (default: UTF-8, strictly: "
+                                                      "undecodable bytes are an error)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,16 +135,18 @@ def train_config_from_args(args: argparse.Namespace, default_steps: int | None =
 
 def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: int, tokenizer: Any = None):
     """``(tokenizer, batcher, eval_data, info)`` from the data flags; errors before anything is written."""
-    from engram.training.data import TokenBatcher, encode, eval_batches, get_tokenizer, load_corpus  # noqa: PLC0415
+    from engram.training.data import (TokenBatcher, array_sha256, encode, eval_batches, get_tokenizer,  # noqa: PLC0415
+                                      load_corpus)
 
-    corpus = load_corpus(args.data, args.eval_data, args.dataset)
+    corpus = load_corpus(args.data, args.eval_data, args.dataset, encoding=getattr(args, "encoding", None))
     if tokenizer is None:
         tokenizer = get_tokenizer(args.tokenizer, corpus.train_text, args.vocab_size)
     train_ids, eval_ids = encode(tokenizer, corpus.train_text), encode(tokenizer, corpus.eval_text)
     batcher = TokenBatcher(train_ids, batch_size, seq_len, seed)
     evals = eval_batches(eval_ids, batch_size, seq_len, args.eval_tokens)
     info = {"source": corpus.source, "train_tokens": int(len(train_ids)), "eval_tokens": int(len(eval_ids)),
-            "eval_tokens_used": int(sum(y.numel() for _, y in evals)), "tokenizer_vocab": len(tokenizer)}
+            "eval_tokens_used": int(sum(y.numel() for _, y in evals)), "tokenizer_vocab": len(tokenizer),
+            "train_sha256": array_sha256(train_ids), "eval_sha256": array_sha256(eval_ids)}
     return tokenizer, batcher, evals, info
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("engram.cli.demo", "build an Engram GPT, hash a sentence and run it"),
@@ -41,12 +43,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    old = _terminate_as_interrupt()
     try:
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         # Bad input is the user's to fix: say what, without a traceback.
         print(f"engram {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"engram {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _terminate_as_interrupt() -> object:
+    """SIGTERM (``timeout``, a scheduler) unwinds like Ctrl-C, so temporary files are removed and a
+    training loop saves between whole steps (it installs its own handler); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study the parsed ``args`` describe and write its outputs; returns the report."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from engram.training.loop import Trainer, build_model, peak_rss_mb, rss_mb, write_json_atomic  # noqa: PLC0415
+    from engram.training.loop import (StopSignals, Trainer, build_model, peak_rss_mb, rss_mb,  # noqa: PLC0415
+                                      write_json_atomic)
 
     variants = parse_variants(args.variants)
     if args.threads:
@@ -222,30 +223,33 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     interrupted = False
     bar = tqdm(total=1000, desc="study", unit="‰", disable=args.no_progress, dynamic_ncols=True)
-    try:
-        while not all(t.done for t in trainers):
-            for t in trainers:  # one step each, in turn
+    with StopSignals() as stop:  # SIGINT / SIGTERM: stop between whole steps and report what was done
+        try:
+            while not all(t.done for t in trainers):
+                if stop.signum is not None:
+                    raise KeyboardInterrupt
+                for t in trainers:  # one step each, in turn
+                    if t.eval_due():
+                        t.evaluate()
+                    if t.done:
+                        continue
+                    first = t.step == 0
+                    before = rss_mb() if first else 0.0
+                    t.train_step()
+                    if first:
+                        rss_delta[t.name] += rss_mb() - before
+                bar.n = int(1000 * min(t.progress for t in trainers))
+                bar.set_postfix_str(" | ".join(f"{t.name} {t.losses[-1]:.3f}" for t in trainers if t.losses), refresh=False)
+                bar.refresh()
+            for t in trainers:
                 if t.eval_due():
                     t.evaluate()
-                if t.done:
-                    continue
-                first = t.step == 0
-                before = rss_mb() if first else 0.0
-                t.train_step()
-                if first:
-                    rss_delta[t.name] += rss_mb() - before
-            bar.n = int(1000 * min(t.progress for t in trainers))
-            bar.set_postfix_str(" | ".join(f"{t.name} {t.losses[-1]:.3f}" for t in trainers if t.losses), refresh=False)
-            bar.refresh()
-        for t in trainers:
-            if t.eval_due():
-                t.evaluate()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: writing the report of the steps done so far", file=sys.stderr)
-        for t in trainers:
-            if t.step and (not t.curve or t.curve[-1].step != t.step):
-                t.evaluate()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted: writing the report of the steps done so far", file=sys.stderr)
+            for t in trainers:
+                if t.step and (not t.curve or t.curve[-1].step != t.step):
+                    t.evaluate()
     bar.close()
 
     runs = []

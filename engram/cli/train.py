@@ -1,41 +1,74 @@
 """``engram train``: train one model, checkpoint it, write ``report.json``.
 
-Output layout of ``--out DIR``: ``DIR/checkpoint/`` (see :mod:`engram.training.checkpoint`) and
-``DIR/report.json``. ``--resume DIR`` continues a run from its last checkpoint to the same result
-an uninterrupted run would reach.
+Output layout of ``--out DIR``: ``DIR/checkpoints/step-N/`` and the pointer
+``DIR/checkpoints/latest`` (see :mod:`engram.training.checkpoint`), and ``DIR/report.json``.
+``--resume DIR`` continues a run from its last complete checkpoint to the same result an
+uninterrupted run would reach; it writes only under ``DIR`` and refuses a changed setting (data,
+flags, a foreign training state) unless ``--allow-changes`` says the change is meant.
+SIGINT (Ctrl-C) and SIGTERM stop after the step in progress and save first (exit 130 / 143).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
-                              fail, gpt_config_from_args, pad_id_of, prepare_data, train_config_from_args)
+                              fail, gpt_config_from_args, int_at_least, pad_id_of, prepare_data,
+                              train_config_from_args)
+
+#: Flags that fix the model or its tokenizer: a resume can never change them.
+MODEL_FLAGS = ("layers", "dim", "heads", "seq_len", "engram_layers", "table_size", "ngram", "engram_heads",
+               "engram_dim", "engram_init", "sparse_tables", "no_engram", "tokenizer", "vocab_size")
+#: Flags a resume may change only with --allow-changes (they change the result).
+CHANGEABLE_FLAGS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
+                    "eval_points", "eval_tokens", "data", "eval_data", "dataset", "encoding")
+#: Fields of TrainConfig among the changeable flags.
+_TRAIN_FIELDS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
+                 "eval_points", "eval_tokens")
+_DATA_FLAGS = ("data", "eval_data", "dataset", "tokenizer", "vocab_size", "eval_tokens", "encoding")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="engram-run", help="output directory (default %(default)s)")
     p.add_argument("--no-engram", action="store_true", help="train the plain GPT (no Engram branch)")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its config and data flags are reused)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (default: only at the end)")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept changed data and training flags (model flags can never change)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --resume: check checkpoint file sizes only, not their SHA-256 (for huge checkpoints)")
+    p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, help="save every N steps (default: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int_at_least(1), default=2,
+                   help="complete checkpoints kept in DIR/checkpoints (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints already in --out")
     add_data_arguments(p)
     add_model_arguments(p)
     add_optim_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from engram.training.checkpoint import CheckpointWriteError  # noqa: PLC0415
+    from engram.training.loop import TrainingInterrupted  # noqa: PLC0415
+
     try:
         return _run(args)
     except (ValueError, TypeError) as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        print("engram: interrupted (checkpoint saved)", file=sys.stderr)
-        return 130
+    except CheckpointWriteError as e:
+        return fail(e.strerror or str(e))
+    except TrainingInterrupted as e:
+        print(f"engram: stopped by {e.signal_name} at step {e.step}; checkpoint saved. Continue with: "
+              f"engram train --resume {args.out}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C
+        print(f"engram: interrupted{f' by {e}' if str(e) else ''}; the last complete checkpoint (if any) is kept",
+              file=sys.stderr)
+        return 143 if str(e) == "SIGTERM" else 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -46,35 +79,109 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume:  # a resumed run writes under its own directory, never where the checkpoint says
         resume = Path(args.resume)
-        ck_dir = resolve_checkpoint_dir(resume)  # DIR/checkpoint for a run directory
-        run_dir = ck_dir.parent if ck_dir.name == "checkpoint" else resume
-        if args.out != "engram-run" and out.resolve() != run_dir.resolve():
-            raise ValueError(f"--resume {str(resume)!r} continues the run in {str(run_dir)!r}; drop --out "
+        if args.out != "engram-run" and out.resolve() != resume.resolve():
+            raise ValueError(f"--resume {str(resume)!r} continues the run in that directory; drop --out "
                              "(copy the run directory first to continue it elsewhere)")
+        if not resume.exists():
+            raise ValueError(f"--resume {str(resume)!r} does not exist")
+        ck_dir = resolve_checkpoint_dir(resume)
+        if ck_dir.parent.name == "checkpoints":  # DIR/checkpoints/step-N
+            run_dir = ck_dir.parent.parent
+        elif ck_dir.name == "checkpoint" and ck_dir != resume:  # DIR/checkpoint of earlier engram versions
+            run_dir = ck_dir.parent
+        else:
+            raise ValueError(f"--resume {str(resume)!r} is not a run directory of engram train (no "
+                             "checkpoints/ in it); a lone checkpoint can be loaded but not resumed")
         out = run_dir
+        args.out = str(out)
     with RunLock(out):  # checked and locked before any data or training work
         return _train(args, out)
 
 
+def _flag_defaults() -> dict[str, Any]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    return vars(p.parse_args([]))
+
+
+def _normalise(key: str, value: Any) -> Any:
+    if key in ("data", "eval_data") and value:
+        return [str(Path(v).resolve()) for v in value]
+    return value
+
+
+def _check_changes(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str, Any]:
+    """Flags given now that differ from the run's: ``ValueError`` unless allowed; returns the allowed ones."""
+    defaults = _flag_defaults()
+    changed = {}
+    for k in MODEL_FLAGS + CHANGEABLE_FLAGS:
+        now = _normalise(k, getattr(args, k, None))
+        if k in saved and now != _normalise(k, defaults.get(k)) and now != saved[k]:
+            changed[k] = (saved[k], now)
+    fixed = {k: v for k, v in changed.items() if k in MODEL_FLAGS}
+    if fixed:
+        raise ValueError("--resume cannot change the model or its tokenizer: "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in fixed.items()))
+    if changed and not args.allow_changes:
+        raise ValueError("--resume continues the saved run, whose settings differ from the flags given: "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                         + "; drop the flags, or add --allow-changes to continue with the new values")
+    return {k: b for k, (a, b) in changed.items()}
+
+
+def _load_for_resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    from engram.training.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    ck = load_checkpoint(args.resume, load_training_state=True, verify=not args.no_verify)
+    extra, state = ck.meta["extra"], ck.training_state
+    if "data_args" not in extra or not isinstance(state, dict) or "train_config" not in state:
+        raise ValueError(f"checkpoint {str(ck.path)!r} was not written by engram train (no run information "
+                         "in its config.json); it can be loaded but not resumed")
+    if extra.get("run_id") != state.get("run_id"):
+        raise ValueError(f"checkpoint {str(ck.path)!r}: its training_state.pt belongs to another run "
+                         f"(run id {state.get('run_id')!r}, the checkpoint's is {extra.get('run_id')!r}); "
+                         "refusing to resume from a foreign training state")
+    if ck.model.config.engram is not None and ck.tokenizer is None:
+        raise ValueError(f"checkpoint {str(ck.path)!r} has no tokenizer; an Engram model cannot be resumed without it")
+    saved_args = dict(extra.get("args") or {})
+    saved_args.update(extra["data_args"])  # runs saved before "args" existed keep their data flags here
+    return ck, saved_args, extra
+
+
 def _train(args: argparse.Namespace, out: Path) -> int:
-    from engram.training.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from engram.training.checkpoint import (clean_run_dir, is_checkpoint, latest_checkpoint,  # noqa: PLC0415
+                                            save_run_checkpoint)
     from engram.training.loop import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
 
-    ckpt_dir = out / "checkpoint"
+    for name in clean_run_dir(out):
+        print(f"engram: removed {name}, left in {out / 'checkpoints'} by an interrupted save", file=sys.stderr)
     if args.resume:
-        ck = load_checkpoint(args.resume, load_training_state=True)
-        saved = ck.meta["extra"]
+        ck, saved_args, extra = _load_for_resume(args)
+        changes = _check_changes(args, saved_args)
         tcfg_d = dict(ck.training_state["train_config"])
-        if args.steps is not None:  # a longer (or shorter) budget is the one thing a resume may change
+        if args.steps is not None:  # a longer (or shorter) budget never needs --allow-changes
             tcfg_d["max_steps"] = args.steps
+        if args.time_budget is not None:
+            tcfg_d["time_budget"] = args.time_budget
+        if args.checkpoint_every:
+            tcfg_d["checkpoint_every"] = args.checkpoint_every
+        tcfg_d.update({k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
         tcfg = TrainConfig(**tcfg_d)
-        for k, v in saved.get("data_args", {}).items():
-            setattr(args, k, v)
+        for k in _DATA_FLAGS:
+            if k in saved_args and k not in changes:
+                setattr(args, k, saved_args[k])
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
-        model = ck.model
+        before = extra.get("data") or {}
+        for key in ("train_sha256", "eval_sha256"):
+            if key in before and before[key] != info[key] and not args.allow_changes:
+                raise ValueError(f"the {'training' if key == 'train_sha256' else 'held-out'} data changed since the "
+                                 f"checkpoint was saved ({before.get(key.replace('sha256', 'tokens'))} tokens then, "
+                                 f"{info[key.replace('sha256', 'tokens')]} now, different content); restore it, "
+                                 "or add --allow-changes to continue on the new data")
+        model, run_id = ck.model, extra.get("run_id")
     else:
-        if is_checkpoint(ckpt_dir) and not args.overwrite:
-            raise ValueError(f"{str(ckpt_dir)!r} already holds a checkpoint; use --resume {out} to continue "
+        if (latest_checkpoint(out) is not None or is_checkpoint(out / "checkpoint")) and not args.overwrite:
+            raise ValueError(f"{str(out)!r} already holds a checkpoint; use --resume {out} to continue "
                              "or --overwrite to start again")
         tcfg = train_config_from_args(args, default_steps=300)
         # Validate the model flags before the (slower) data work.
@@ -83,19 +190,27 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
         model = build_model(gpt_config_from_args(args, len(tokenizer), engram), tokenizer, tcfg.seed)
+        run_id = uuid.uuid4().hex
+        if args.overwrite:
+            import shutil  # noqa: PLC0415
+
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     name = "baseline" if model.config.engram is None else "engram"
     trainer = Trainer(model, batcher, tcfg, evals, name=name)
     if args.resume:
         trainer.load_state_dict(ck.training_state)
-    data_args = {k: getattr(args, k) for k in ("data", "eval_data", "dataset", "tokenizer", "vocab_size", "eval_tokens")}
-    data_args["data"] = [str(Path(p).resolve()) for p in data_args["data"]] if data_args["data"] else None
-    data_args["eval_data"] = [str(Path(p).resolve()) for p in data_args["eval_data"]] if data_args["eval_data"] else None
+    run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS}
+    data_args = {k: run_args.get(k, getattr(args, k, None)) for k in _DATA_FLAGS}
 
     def save(t: Trainer) -> None:
-        save_checkpoint(ckpt_dir, t.model, tokenizer, t.state_dict(),
-                        extra={"data_args": data_args, "out": str(out), "step": t.step, "data": info})
+        state = t.state_dict()
+        state["run_id"] = run_id
+        save_run_checkpoint(out, t.model, tokenizer, t.step, state, keep_last=args.keep_checkpoints,
+                            extra={"run_id": run_id, "args": run_args, "data_args": data_args, "step": t.step,
+                                   "data": info})
 
     summary = run_training(trainer, save=save, progress_bar=not args.no_progress)
+    ckpt_dir = latest_checkpoint(out)
     report = {"data": info, "checkpoint": str(ckpt_dir), **summary}
     write_json_atomic(out / "report.json", report)
     print(f"{name}: {summary['steps']} steps, {summary['tokens_per_second']:,.0f} tok/s, "

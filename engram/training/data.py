@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,13 +50,27 @@ class Corpus:
     source: str
 
 
-def _read_text(path: str | os.PathLike[str], what: str) -> str:
+def _read_text(path: str | os.PathLike[str], what: str, encoding: str | None = None) -> str:
+    """The file's text: UTF-8 unless ``encoding`` is given; undecodable or binary data is an error
+    naming the byte offset (never silently replaced by U+FFFD)."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{what} {str(p)!r} does not exist")
     if not p.is_file():
         raise ValueError(f"{what} {str(p)!r} is not a file")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode(encoding or "utf-8")
+    except LookupError:
+        raise ValueError(f"--encoding {encoding!r} is not a text encoding Python knows") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not {encoding or 'UTF-8'} text: byte {e.start} "
+                         f"({raw[e.start:e.start + 4]!r}) cannot be decoded; convert it to UTF-8 or give its "
+                         "encoding with --encoding (e.g. --encoding latin-1)") from None
+    nul = text.find("\0")
+    if nul >= 0 and encoding is None:
+        raise ValueError(f"{what} {str(p)!r} looks binary (a NUL character at character {nul}); "
+                         "give text files, or --encoding to read it anyway")
     if not text.strip():
         raise ValueError(f"{what} {str(p)!r} is empty")
     return text
@@ -71,13 +86,13 @@ def split_holdout(text: str, fraction: float = HOLDOUT_FRACTION) -> tuple[str, s
     return text[:cut], text[cut:]
 
 
-def files_corpus(paths: list[str], eval_paths: list[str] | None = None) -> Corpus:
+def files_corpus(paths: list[str], eval_paths: list[str] | None = None, encoding: str | None = None) -> Corpus:
     """Text of ``paths``; the eval text is ``eval_paths`` or the last 10% of every file."""
     if not paths:
         raise ValueError("--data needs at least one file")
-    texts = [_read_text(p, "data file") for p in paths]
+    texts = [_read_text(p, "data file", encoding) for p in paths]
     if eval_paths:
-        evals = [_read_text(p, "eval data file") for p in eval_paths]
+        evals = [_read_text(p, "eval data file", encoding) for p in eval_paths]
         train, held = texts, evals
         source = f"files {', '.join(map(str, paths))} (eval: {', '.join(map(str, eval_paths))})"
     else:
@@ -151,14 +166,17 @@ def dataset_corpus(name: str, config: str | None = None, text_field: str = "text
 
 
 def load_corpus(data: list[str] | None = None, eval_data: list[str] | None = None,
-                dataset: str | None = None, max_chars: int = DEFAULT_CORPUS_CHARS) -> Corpus:
+                dataset: str | None = None, max_chars: int = DEFAULT_CORPUS_CHARS,
+                encoding: str | None = None) -> Corpus:
     """Pick the corpus from the CLI arguments (see the module docstring)."""
     if data and dataset:
         raise ValueError("give --data or --dataset, not both")
     if eval_data and not data:
         raise ValueError("--eval-data needs --data")
+    if encoding and not data:
+        raise ValueError("--encoding applies to --data files only")
     if data:
-        return files_corpus(list(data), list(eval_data) if eval_data else None)
+        return files_corpus(list(data), list(eval_data) if eval_data else None, encoding)
     if dataset:
         return dataset_corpus(dataset)
     return stdlib_corpus(max_chars)
@@ -196,7 +214,11 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 4096, cache: bool = True) -
         raise ValueError("cannot train a tokenizer on empty text")
     path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{text_digest(text, str(vocab_size))}"
     if cache and (path / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(path))
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever the error
+            pass
+        warnings.warn(f"the cached tokenizer {str(path)!r} is damaged; training it again", stacklevel=2)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -205,15 +227,25 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 4096, cache: bool = True) -
     tok.train_from_iterator(_text_chunks(text), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     if cache:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        hf.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process cached it first
-            import shutil  # noqa: PLC0415
+        import shutil  # noqa: PLC0415
 
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hf.save_pretrained(str(tmp))
+            if path.exists():  # a damaged entry (or another process's copy): the new one replaces it
+                shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        except OSError as e:  # the cache is optional: an unwritable one costs time, nothing else
             shutil.rmtree(tmp, ignore_errors=True)
+            _cache_warning(path, e)
     return hf
+
+
+def _cache_warning(path: Path, e: OSError) -> None:
+    warnings.warn(f"cannot write the engram cache at {str(path.parent)!r} ({e.strerror or e}); continuing "
+                  "without it (set ENGRAM_CACHE_DIR to a writable directory to keep tokenizers and token arrays)",
+                  stacklevel=3)
 
 
 def get_tokenizer(name_or_path: str | None, train_text: str, vocab_size: int = 4096) -> Any:
@@ -234,7 +266,12 @@ def encode(tokenizer: Any, text: str, cache: bool = True) -> np.ndarray:
     key = text_digest(text, backend.to_str() if backend is not None else repr(tokenizer))
     path = cache_dir() / "tokens" / f"{key}.npy"
     if cache and path.exists():
-        return np.load(path)
+        cached = _load_token_cache(path)
+        if cached is not None:
+            return cached
+        if path.with_suffix(".sha256").exists():  # (entries from before digests are simply rebuilt)
+            warnings.warn(f"the cached token array {str(path)!r} is damaged or was changed; encoding again",
+                          stacklevel=2)
     chunks = list(_text_chunks(text))
     if backend is not None:  # one batched call into Rust, no special tokens added
         ids = [e.ids for e in backend.encode_batch(chunks, add_special_tokens=False)]
@@ -242,10 +279,38 @@ def encode(tokenizer: Any, text: str, cache: bool = True) -> np.ndarray:
         ids = [tokenizer.encode(c, add_special_tokens=False) for c in chunks]
     arr = np.fromiter((i for piece in ids for i in piece), dtype=np.int32)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, arr)
+            digest = path.with_suffix(".sha256")
+            digest.write_text(array_sha256(arr))  # written first: an array without its digest is never trusted
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            _cache_warning(path, e)
+    return arr
+
+
+def array_sha256(arr: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (the fingerprint of a token stream)."""
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _load_token_cache(path: Path) -> np.ndarray | None:
+    """The cached array if it is readable and matches its recorded SHA-256, else ``None``."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+        want = path.with_suffix(".sha256").read_text().strip()
+    except (OSError, ValueError, EOFError):
+        return None
+    if arr.ndim != 1 or arr.dtype != np.int32 or array_sha256(arr) != want:
+        return None
     return arr
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,12 +344,51 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM between two whole steps (after saving, if a ``save`` was given)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+        super().__init__(f"{self.signal_name} at step {step}")
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class StopSignals:
+    """``with StopSignals() as stop:`` SIGINT (Ctrl-C) and SIGTERM (``timeout``, schedulers) set
+    ``stop.signum`` instead of interrupting, so a loop can stop between whole steps; a second
+    SIGINT raises ``KeyboardInterrupt`` at once. Outside the main thread it installs nothing."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
 def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
                  progress_bar: bool = True) -> dict[str, Any]:
     """Train until the budget is spent, evaluating on schedule; returns :meth:`Trainer.summary`.
 
-    ``save(trainer)`` is called every ``checkpoint_every`` steps, at the end, and - before the
-    ``KeyboardInterrupt`` propagates - when the user presses Ctrl-C.
+    ``save(trainer)`` is called every ``checkpoint_every`` steps and at the end. SIGINT or SIGTERM
+    stop the loop after the step in progress: the state is saved (never a half-done step) and
+    :class:`TrainingInterrupted` is raised. A second Ctrl-C aborts at once without saving.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -355,28 +396,37 @@ def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
     total = cfg.max_steps if cfg.max_steps is not None else None
     bar = tqdm(total=total, initial=trainer.step, desc=trainer.name, disable=not progress_bar,
                unit="step", dynamic_ncols=True)
-    try:
-        while True:
-            if trainer.eval_data and trainer.eval_due():
-                bar.set_postfix_str(f"val {trainer.evaluate():.3f}", refresh=False)
-            if trainer.done:
-                break
-            loss = trainer.train_step()
-            bar.update(1)
-            tps = trainer.tokens / max(trainer.elapsed, 1e-9)
-            eta = (1 - trainer.progress) * trainer.elapsed / max(trainer.progress, 1e-9)
-            bar.set_postfix_str(f"loss {loss:.3f} | {tps:,.0f} tok/s | eta {eta:.0f}s", refresh=False)
-            if save is not None and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and not trainer.done:
-                save(trainer)
-    except KeyboardInterrupt:
-        bar.close()
-        if save is not None:
-            print(f"\ninterrupted at step {trainer.step}: saving a checkpoint first", file=sys.stderr)
+    saved_at = -1
+
+    def save_now() -> None:
+        nonlocal saved_at
+        if save is not None and saved_at != trainer.step:
             save(trainer)
-        raise
-    bar.close()
-    if save is not None:
-        save(trainer)
+            saved_at = trainer.step
+
+    with StopSignals() as stop:
+        try:
+            while stop.signum is None:
+                if trainer.eval_data and trainer.eval_due():
+                    bar.set_postfix_str(f"val {trainer.evaluate():.3f}", refresh=False)
+                if trainer.done or stop.signum is not None:
+                    break
+                loss = trainer.train_step()
+                bar.update(1)
+                tps = trainer.tokens / max(trainer.elapsed, 1e-9)
+                eta = (1 - trainer.progress) * trainer.elapsed / max(trainer.progress, 1e-9)
+                bar.set_postfix_str(f"loss {loss:.3f} | {tps:,.0f} tok/s | eta {eta:.0f}s", refresh=False)
+                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and not trainer.done:
+                    save_now()
+            bar.close()
+            if stop.signum is not None:
+                print(f"\n{signal.Signals(stop.signum).name} at step {trainer.step}: "
+                      + ("saving a checkpoint first" if save is not None else "stopping"), file=sys.stderr)
+            save_now()
+        finally:
+            bar.close()
+        if stop.signum is not None and not trainer.done:
+            raise TrainingInterrupted(stop.signum, trainer.step)
     return trainer.summary()
 
 

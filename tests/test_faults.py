@@ -288,6 +288,15 @@ def test_resume_refuses_changed_data_unless_allowed(tmp_path, run6, text_file, c
         assert train("--resume", str(run), "--steps", "8", "--allow-changes", "--no-progress") == 0
     finally:
         text_file.write_text(original)
+    # A moved corpus (same tokens, another path) is the same data; another file given is not.
+    run = copy_run(run6, tmp_path, "copy2")
+    moved = tmp_path / "moved.txt"
+    shutil.copy(text_file, moved)
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(seed=2))
+    assert train("--resume", str(run), "--steps", "7", "--data", str(other), "--no-progress") == 2
+    assert "training data changed" in capsys.readouterr().err
+    assert train("--resume", str(run), "--steps", "7", "--data", str(moved), "--no-progress") == 0
 
 
 def test_resume_refuses_a_foreign_training_state(tmp_path, run6, text_file, capsys):

@@ -27,7 +27,10 @@ MODEL_FLAGS = ("layers", "dim", "heads", "seq_len", "engram_layers", "table_size
                "engram_dim", "engram_init", "sparse_tables", "no_engram", "tokenizer", "vocab_size")
 #: Flags a resume may change only with --allow-changes (they change the result).
 CHANGEABLE_FLAGS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
-                    "eval_points", "eval_tokens", "data", "eval_data", "dataset", "encoding")
+                    "eval_points", "eval_tokens", "encoding")
+#: Where the text comes from: may name other files (a moved corpus) as long as the tokens are the
+#: same; the token check (SHA-256 of the token streams) decides.
+SOURCE_FLAGS = ("data", "eval_data", "dataset")
 #: Fields of TrainConfig among the changeable flags.
 _TRAIN_FIELDS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
                  "eval_points", "eval_tokens")
@@ -167,9 +170,13 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             tcfg_d["checkpoint_every"] = args.checkpoint_every
         tcfg_d.update({k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
         tcfg = TrainConfig(**tcfg_d)
+        given = {k for k in SOURCE_FLAGS if getattr(args, k, None)}
         for k in _DATA_FLAGS:
-            if k in saved_args and k not in changes:
+            if k in saved_args and k not in changes and not (given and k in SOURCE_FLAGS):
                 setattr(args, k, saved_args[k])
+        if not given and (args.data or args.dataset):  # the run's own files: say which are read
+            print(f"engram: resuming on {', '.join(args.data or [args.dataset])}"
+                  + (f" (eval: {', '.join(args.eval_data)})" if args.eval_data else ""), file=sys.stderr)
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
         before = extra.get("data") or {}
         for key in ("train_sha256", "eval_sha256"):
@@ -199,7 +206,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     trainer = Trainer(model, batcher, tcfg, evals, name=name)
     if args.resume:
         trainer.load_state_dict(ck.training_state)
-    run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS}
+    run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS + SOURCE_FLAGS}
     data_args = {k: run_args.get(k, getattr(args, k, None)) for k in _DATA_FLAGS}
 
     def save(t: Trainer) -> None:

@@ -253,18 +253,22 @@ class DiskMultiHeadEmbedding(OffloadedMultiHeadEmbedding):
     """The table in a memory-mapped file; only the rows a lookup touches are read.
 
     ``DiskMultiHeadEmbedding(path, ...)`` opens an existing file and checks it against the given
-    expectations (``sizes``, ``dim``, ``fingerprint``, ``quantize``); :meth:`write` makes one
-    from a tensor and :meth:`create_empty` a sparse all-zero one (for tables larger than RAM).
-    Read-only for training (see the module doc); :meth:`write_rows` updates rows in place.
+    expectations (``sizes``, ``dim``, ``fingerprint``, ``quantize``) and, with ``verify=True``
+    (default), against the checksum of its rows (the whole file is read once; ``verify=False``
+    skips it for huge tables); :meth:`write` makes one from a tensor and :meth:`create_empty` a
+    sparse all-zero one (for tables larger than RAM). Read-only for training (see the module doc);
+    :meth:`write_rows` updates rows in place and marks the file dirty until :meth:`flush` /
+    :meth:`close` (or garbage collection, or interpreter exit) re-seals it with a fresh checksum
+    (:mod:`engram.storage.tablefile`).
     """
 
     def __init__(self, path: str | os.PathLike, sizes: list[int] | None = None, dim: int | None = None,
                  fingerprint: str | None = None, quantize: str | None = None, cache_rows: int = 0,
                  cache_policy: str = "lru", device: torch.device | str | None = None,
-                 table_requires_grad: bool = False, _store: DiskRowStore | None = None):
+                 table_requires_grad: bool = False, verify: bool = True, _store: DiskRowStore | None = None):
         codec_name = None if quantize is None else str(quantize)
         store = _store or DiskRowStore.open(path, sizes, dim, fingerprint,
-                                            "none" if codec_name is None else codec_name)
+                                            "none" if codec_name is None else codec_name, verify=verify)
         super().__init__(store.header["sizes"], store.codec(), cache_rows, cache_policy, device,
                          table_requires_grad=table_requires_grad)
         self.store = store
@@ -289,6 +293,14 @@ class DiskMultiHeadEmbedding(OffloadedMultiHeadEmbedding):
     def drop_page_cache(self) -> None:
         """Evict the file from the OS page cache (for cold-cache measurements)."""
         self.store.drop_page_cache()
+
+    def flush(self) -> None:
+        """After :meth:`write_rows`: fsync and re-seal the file (fresh checksum, clean header)."""
+        self.store.flush()
+
+    def close(self) -> None:
+        """Flush, unmap and close the file; the module cannot gather afterwards."""
+        self.store.close()
 
 
 class OffloadMultiHeadEmbedding(HostMultiHeadEmbedding):

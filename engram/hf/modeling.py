@@ -21,7 +21,12 @@ generation hooks) are reached through :mod:`engram.hf.compat` only.
 Save/load: the config (:class:`EngramCausalLMConfig`) holds the base config, the Engram config and
 the compression table + hashing constants, so ``AutoModelForCausalLM.from_pretrained(dir)`` (after
 ``import engram``) needs no tokenizer and never rehashes. Passing ``tokenizer=`` to
-``from_pretrained`` checks it compresses exactly like the saved table.
+``from_pretrained`` checks it compresses exactly like the saved table; Engram weights missing from
+or unexpected in the checkpoint (a config.json edited after saving) are a ``ValueError``.
+
+Vocabulary: every id the model embeds is valid, also past the tokenizer (a padded vocabulary):
+those ids get canonical ids of their own (:func:`extend_lookup_table`), the tokenizer's keep
+theirs. Ids outside ``0 .. num_valid_ids - 1`` are a ``ValueError`` (:meth:`EngramForCausalLM.check_input_ids`).
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 
 import engram.hf.compat as hf_compat
 from engram.config import EngramConfig
-from engram.core.hashing import NgramHashMapping, check_same_compression
+from engram.core.hashing import NgramHashMapping, check_same_compression, head_table_sizes
 from engram.core.tokenizer import CompressedTokenizer
+from engram.core.validation import check_ids, ids_checks_forced
 from engram.hf.cache import EngramCacheLayer, engram_cache_layer
 from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
 from engram.hf.compat import initialization as init
@@ -50,7 +56,20 @@ from engram.nn.module import Engram, ShortConv
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngramCausalLMConfig", "EngramForCausalLM", "build_hashing"]
+__all__ = ["EngramCausalLMConfig", "EngramForCausalLM", "build_hashing", "extend_lookup_table", "LOAD_HINT"]
+
+
+#: Written into every saved Engram ``config.json`` (key ``engram_about``, sorted near the top), for
+#: whoever opens it after transformers refused the checkpoint: transformers has no way to find a
+#: model type from an installed package unless that package was imported (docs/transformers.md,
+#: "Loading without import engram"), and its own error advises upgrading transformers.
+LOAD_HINT = (
+    "Engram checkpoint (Python package engram-torch). transformers "
+    "alone does not know this model_type: pip install engram-torch, then run `import engram` before "
+    "AutoConfig/AutoModelForCausalLM.from_pretrained(...), or load it with "
+    "engram.hf.EngramForCausalLM.from_pretrained(...). Upgrading transformers does not help; no "
+    "trust_remote_code is needed (no code is loaded from this directory)."
+)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -64,6 +83,8 @@ class EngramCausalLMConfig(PreTrainedConfig):
         engram_hashing: :meth:`NgramHashMapping.state_dict_extra` (compression table, raw pad id,
             multipliers, table sizes): the model hashes exactly as when it was built, with no
             tokenizer at hand.
+        engram_about: how to load the checkpoint (:data:`LOAD_HINT`), for whoever reads
+            ``config.json``; always set to the current text.
     """
 
     model_type = "engram_causal_lm"
@@ -72,14 +93,74 @@ class EngramCausalLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     engram: dict | None = None
     engram_hashing: dict | None = None
+    engram_about: str | None = None  # LOAD_HINT, written into every config.json (set below, never read)
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        self.engram_about = LOAD_HINT
         if self.engram is not None:
             EngramConfig.from_dict(self.engram)  # fail at config time, naming the bad field
 
 
 # ---------------------------------------------------------------------------------------------- hashing
+def extend_lookup_table(table: np.ndarray, n: int) -> np.ndarray:
+    """``table`` (raw id -> canonical id) grown to ``n`` raw ids: each raw id past its end gets its
+    own new canonical id, counting on from the largest one (distinct and deterministic). Ids already
+    in ``table`` keep theirs; ``n`` <= its length returns it unchanged.
+
+    This is what ids a model embeds but its tokenizer never produces (a vocabulary padded to a
+    multiple of 64/128, Qwen style) and ids added without a tokenizer hash as.
+    """
+    table = np.asarray(table, dtype=np.int64)
+    if n <= table.shape[0]:
+        return table
+    start = int(table.max()) + 1
+    return np.concatenate([table, np.arange(start, start + n - table.shape[0], dtype=np.int64)])
+
+
+def _grown_hashing(hashing: NgramHashMapping, engram_config: EngramConfig,
+                   table: np.ndarray) -> tuple[NgramHashMapping, EngramConfig]:
+    """``hashing`` over the longer lookup ``table`` (whose head is ``hashing``'s table): the
+    multipliers keep the original compressed vocabulary size, so every n-gram of existing ids
+    keeps its rows bit for bit."""
+    cfg = engram_config
+    if cfg.tokenizer_vocab_size is not None:
+        cfg = cfg.replace(tokenizer_vocab_size=int(table.shape[0]))
+    with torch.device("cpu"):
+        # cfg.pad_id is already the resolved raw id (build_hashing), so the pad keeps its id
+        grown = NgramHashMapping(cfg, CompressedTokenizer(lookup_table=table),
+                                 multiplier_vocab=hashing.multiplier_vocab)
+    grown.step_listeners = hashing.step_listeners  # an attached Prefetcher follows
+    return grown, cfg
+
+
+def _check_tokenizer(saved: CompressedTokenizer, tokenizer: Any, where: str) -> None:
+    """:func:`check_same_compression`, except that a saved table grown past the tokenizer by
+    :func:`extend_lookup_table` (a padded model vocabulary) matches the tokenizer it grew from."""
+    given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
+    if given.raw_vocab_size < saved.raw_vocab_size and np.array_equal(
+        extend_lookup_table(given.lookup_table, saved.raw_vocab_size), saved.lookup_table
+    ):
+        return
+    check_same_compression(saved, given, where)
+
+
+def _check_config_matches_saved(engram_config: EngramConfig, saved: dict) -> None:
+    """``ValueError`` when ``config.engram`` (layers, orders, heads, table sizes) no longer describes
+    the saved hashing constants: a hand-edited config.json, which would otherwise load as a
+    different model."""
+    want = {str(k): v for k, v in head_table_sizes(engram_config).items()}
+    have = saved.get("table_sizes")
+    if have is not None and want != have:
+        raise ValueError(
+            f"the saved model's Engram config (layer_ids={engram_config.layer_ids}, "
+            f"max_ngram_size={engram_config.max_ngram_size}, n_head_per_ngram={engram_config.n_head_per_ngram}, "
+            f"engram_vocab_size={engram_config.engram_vocab_size}) gives table sizes {want}, but its saved "
+            f"engram_hashing has {have}: config.json was edited after saving (restore the config the weights "
+            "were saved with), or the model was saved by an engram version that sized tables differently"
+        )
+
+
 def build_hashing(engram_config: EngramConfig, saved: dict | None, tokenizer: Any,
                   vocab_size: int | None = None) -> tuple[NgramHashMapping, EngramConfig]:
     """The hash mapping of a model and its Engram config with ``pad_id`` resolved to a raw id.
@@ -91,12 +172,14 @@ def build_hashing(engram_config: EngramConfig, saved: dict | None, tokenizer: An
         vocab_size: when neither ``saved`` nor ``tokenizer`` is given, build an identity
             (uncompressed) table over this many ids; otherwise that case is a ``ValueError``.
 
-    With both ``saved`` and ``tokenizer`` the tokenizer must compress exactly like the saved table.
+    With both ``saved`` and ``tokenizer`` the tokenizer must compress exactly like the saved table
+    (a saved table grown past the tokenizer by :func:`extend_lookup_table` matches it).
     """
     if saved is not None:
+        _check_config_matches_saved(engram_config, saved)
         compressed = CompressedTokenizer.from_state_dict(saved["compressed"])
         if tokenizer is not None:
-            check_same_compression(compressed, tokenizer, "the saved model")
+            _check_tokenizer(compressed, tokenizer, "the saved model")
         cfg = engram_config.replace(pad_id=int(saved["raw_pad_id"]))
         with torch.device("cpu"):  # never on meta: the hashing constants are not weights
             mapping = NgramHashMapping(cfg, compressed, multiplier_vocab=saved.get("multiplier_vocab"))
@@ -113,6 +196,12 @@ def build_hashing(engram_config: EngramConfig, saved: dict | None, tokenizer: An
     with torch.device("cpu"):
         mapping = NgramHashMapping(engram_config, tokenizer)
     return mapping, engram_config.replace(pad_id=mapping.raw_pad_id)
+
+
+def _num_rows(embeddings: nn.Module) -> int:
+    """Rows of an input embedding module (``nn.Embedding`` or a subclass / look-alike)."""
+    rows = getattr(embeddings, "num_embeddings", None)
+    return int(rows) if rows is not None else int(embeddings.weight.shape[0])
 
 
 @dataclass
@@ -176,17 +265,25 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 f"engram layer_ids {bad} are past the last decoder layer: the base model has {n_layers} layers "
                 f"(valid ids 0..{n_layers - 1}, 0-based)"
             )
-        embed_rows = self.backbone.get_input_embeddings().num_embeddings
+        embed_rows = _num_rows(self.backbone.get_input_embeddings())
         saved = self._saved_hashing(config)
         hashing, engram_cfg = build_hashing(engram_cfg, saved, tokenizer,
                                             embed_rows if self._allow_uncompressed else None)
-        if hashing.compressed.raw_vocab_size > embed_rows:
+        n_table = hashing.compressed.raw_vocab_size
+        if n_table > embed_rows and saved is None:
             raise ValueError(
-                f"the tokenizer has {hashing.compressed.raw_vocab_size} ids but the base model embeds only "
+                f"the tokenizer has {n_table} ids but the base model embeds only "
                 f"{embed_rows}: a tokenizer of another vocabulary?"
             )
-        if saved is None:
+        if n_table < embed_rows:
+            # A vocabulary padded past the tokenizer (Qwen style): sampling can still pick those ids,
+            # so each gets its own canonical id; the tokenizer's ids hash exactly as before.
+            hashing, engram_cfg = _grown_hashing(hashing, engram_cfg,
+                                                 extend_lookup_table(hashing.compressed.lookup_table, embed_rows))
+        if saved is None or n_table < embed_rows:
             self._store_engram(config, engram_cfg, hashing.state_dict_extra())
+        # Set while loading a saved model: from_pretrained then insists on its Engram weights.
+        self._engram_weights_saved = saved is not None
         # Not a submodule: its buffers are constants rebuilt from the config, not weights to load.
         object.__setattr__(self, "hashing", hashing)
         self.engram_config = engram_cfg
@@ -271,6 +368,52 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         model.generation_config = base_model.generation_config
         return model
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, then a ``ValueError`` when the checkpoint's Engram
+        weights do not fit the model its config describes (also through ``AutoModelForCausalLM``).
+
+        transformers only logs missing / unexpected weights; for Engram that means a
+        ``config.json`` edited after saving (``use_short_conv``, ``use_gate``, ``value_bias``,
+        ``lite``, ``layer_ids``, ...) would load and run with freshly initialised or dropped
+        weights, and silently different outputs. Engram weights the checkpoint lacks entirely are
+        fine only where the Engram part is new (a plain base checkpoint, e.g. Phi's; the config
+        then has no saved hashing). Shape mismatches stay transformers' (an error unless
+        ``ignore_mismatched_sizes=True``). ``output_loading_info=True`` works as usual.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                              output_loading_info=True, **kwargs)
+        model._check_loaded_engram_weights(info, pretrained_model_name_or_path)
+        return (model, info) if want_info else model
+
+    def _check_loaded_engram_weights(self, info: dict, where: Any) -> None:
+        """The check of :meth:`from_pretrained`, on its ``loading_info``."""
+        prefix = "engram."
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix))
+        unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k.startswith(prefix))
+        if not missing and not unexpected:
+            return
+        own = [k for k in self.state_dict() if k.startswith(prefix)]
+        if not unexpected and len(missing) == len(own) and not self._engram_weights_saved:
+            return  # a base checkpoint: the Engram branch is new here (zero output at start)
+
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {names(missing)}")
+        if unexpected:
+            parts.append(f"in the checkpoint but not in the model: {names(unexpected)}")
+        raise ValueError(
+            f"{str(where)!r}: the checkpoint's Engram weights do not fit the model its config describes "
+            f"({'; '.join(parts)}). Loading it would run with initialised or dropped Engram weights and "
+            "silently different outputs. Was config.json edited after saving (Engram fields such as "
+            "use_short_conv, use_gate, value_bias, lite, layer_ids)? Restore the config the weights were "
+            "saved with."
+        )
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Only Engram modules (the backbone's are dispatched to its own _init_weights), each by its
@@ -308,6 +451,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.backbone.set_input_embeddings(value)
+        self.__dict__.pop("_input_embeddings", None)  # num_valid_ids looks it up again
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self.backbone.get_output_embeddings()
@@ -337,41 +481,81 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         vocabulary size, so every n-gram of old tokens keeps its rows (and the model its
         outputs on them). New ids get canonical ids from ``tokenizer`` (the resized tokenizer:
         new tokens fold with existing ones exactly as a fresh build would) or, without one, one
-        new canonical id each. A tokenizer that compresses the existing ids differently is a
-        ``ValueError``. Shrinking leaves the table as it is.
+        new canonical id each (:func:`extend_lookup_table`). A tokenizer that compresses the
+        existing ids differently is a ``ValueError``. Shrinking leaves the table as it is (ids
+        past the embeddings are refused by :meth:`forward`).
         """
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.__dict__.pop("_input_embeddings", None)  # num_valid_ids looks it up again
         n_new, old = embeddings.num_embeddings, self.hashing.compressed
         n_old = old.raw_vocab_size
         if tokenizer is not None:
             given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
-            table = given.lookup_table
-            if table.shape[0] < n_old or not np.array_equal(table[:n_old], old.lookup_table):
+            # Ids of the table the tokenizer does not have (a padded vocabulary's spare ids) compare as
+            # extend_lookup_table numbered them: tokens added into those spare ids fit if they are new.
+            table = extend_lookup_table(given.lookup_table, n_old)
+            if not np.array_equal(table[:n_old], old.lookup_table):
                 raise ValueError(
                     "the tokenizer compresses the model's existing ids differently from its table; "
                     "pass the model's own tokenizer with the new tokens added"
                 )
-            if table.shape[0] > n_new:
-                raise ValueError(f"the tokenizer has {table.shape[0]} ids but the embeddings now have {n_new}")
+            if given.raw_vocab_size > n_new:
+                raise ValueError(f"the tokenizer has {given.raw_vocab_size} ids but the embeddings now have {n_new}")
         else:
             table = old.lookup_table
-        if n_new > table.shape[0]:  # ids beyond the tokenizer (or all new ids): one canonical id each
-            start = int(table.max()) + 1
-            table = np.concatenate([table, np.arange(start, start + n_new - table.shape[0], dtype=np.int64)])
+        table = extend_lookup_table(table, n_new)  # ids beyond the tokenizer (or all new ids): one canonical id each
         if table.shape[0] == n_old:
             return embeddings
-        cfg = self.engram_config
-        if cfg.tokenizer_vocab_size is not None:
-            cfg = cfg.replace(tokenizer_vocab_size=int(table.shape[0]))
-        with torch.device("cpu"):
-            # cfg.pad_id is already the resolved raw id (build_hashing), so the pad keeps its id
-            hashing = NgramHashMapping(cfg, CompressedTokenizer(lookup_table=table),
-                                       multiplier_vocab=self.hashing.multiplier_vocab)
-        hashing.step_listeners = self.hashing.step_listeners  # an attached Prefetcher follows
+        hashing, cfg = _grown_hashing(self.hashing, self.engram_config, table)
         object.__setattr__(self, "hashing", hashing)
         self.engram_config = cfg
         self._store_engram(self.config, cfg, hashing.state_dict_extra())
         return embeddings
+
+    # ------------------------------------------------------------------ input checks
+    @property
+    def num_valid_ids(self) -> int:
+        """Token ids the model takes: ``0 .. num_valid_ids - 1`` (its embedding rows; every one of
+        them has a canonical id in the compression table)."""
+        embeddings = self.__dict__.get("_input_embeddings")  # get_input_embeddings costs ~10 us a call
+        if embeddings is None:
+            embeddings = self.get_input_embeddings()
+            object.__setattr__(self, "_input_embeddings", embeddings)  # not a submodule
+        return min(_num_rows(embeddings), self.hashing.compressed.raw_vocab_size)
+
+    @torch.compiler.disable  # reads the ids' range back to the host
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """``TypeError`` for non-integer ids; ``ValueError`` naming the first bad value and the
+        valid range when an id is negative or past the model's vocabulary (:attr:`num_valid_ids`).
+
+        :meth:`forward` runs it on CPU ids (on an accelerator only with ``ENGRAM_CHECK_IDS=1``:
+        it costs a host sync); :meth:`generate` runs it on the prompt on every device.
+        """
+        check_ids(input_ids, None, "input_ids")
+        if input_ids.numel() == 0:
+            return
+        if input_ids.device.type == "cpu" and input_ids.numel() <= 16:  # a decode step: Python ints are cheaper
+            vals = input_ids.reshape(-1).tolist()
+            lo, hi = min(vals), max(vals)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(input_ids.long()))
+        n = self.num_valid_ids
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids has id {bad}, outside the model's vocabulary: valid ids are 0..{n - 1} "
+                f"(vocabulary size {n})" + (" - negative ids are not tokens (pad with the pad token id and "
+                                            "mask with attention_mask)" if bad < 0 else "")
+            )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``, with the prompt's ids checked first (:meth:`check_input_ids`,
+        on every device: once per call). Sampled ids are always in range: every id the model
+        embeds has a canonical id (a vocabulary padded past its tokenizer included)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor) and not prompt.is_floating_point():
+            self.check_input_ids(prompt)
+        return super().generate(inputs, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def _engram_hook(self, layer_id: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -421,6 +605,8 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.device.type == "cpu" or ids_checks_forced():  # elsewhere it would stall the host
+            self.check_input_ids(input_ids)
         B, T = input_ids.shape
         if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != (B, T):
             raise ValueError(

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from engram.config import EngramConfig
-from engram.hf.modeling import EngramForCausalLM
+from engram.hf.modeling import LOAD_HINT, EngramForCausalLM
 from engram.hf.compat import strict
 
 __all__ = ["PhiEngramConfig", "PhiEngramForCausalLM"]
@@ -43,6 +43,8 @@ class PhiEngramConfig(PhiConfig):
             are taken from this config.
         engram_hashing: the saved compression table and hashing constants (filled in when the
             model is built; do not set by hand).
+        engram_about: how to load the checkpoint (:data:`engram.hf.modeling.LOAD_HINT`), for
+            whoever reads ``config.json``; always set to the current text.
         (all ``PhiConfig`` fields)
     """
 
@@ -51,10 +53,12 @@ class PhiEngramConfig(PhiConfig):
     engram_layer_ids: list[int] | None = None
     engram_config: dict | None = None
     engram_hashing: dict | None = None
+    engram_about: str | None = None  # LOAD_HINT, written into every config.json (set below, never read)
 
     def __post_init__(self, **kwargs: Any) -> None:
         kwargs.pop("model_type", None)  # the seed spells PhiEngramConfig(**phi_config.to_dict(), ...)
         super().__post_init__(**kwargs)
+        self.engram_about = LOAD_HINT
         if self.engram_layer_ids is None:
             self.engram_layer_ids = [i for i in DEFAULT_ENGRAM_LAYER_IDS if i < self.num_hidden_layers]
         self.engram_layer_ids = [int(i) for i in self.engram_layer_ids]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engram.cli import main
-from engram.cli.study import VARIANTS, interp, parse_variants, verdict
+from engram.cli.study import VARIANTS, interp, interval, parse_variants, verdict
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "study.md"
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
@@ -61,34 +65,97 @@ def test_verdict_interpolates_equal_steps_and_seconds():
     assert v["equal_seconds"]["gap"] == pytest.approx(1.0) and not v["ahead_at_equal_seconds"]
     assert v["step_time_overhead"] == pytest.approx(1.0) and v["tokens_per_second_ratio"] == pytest.approx(0.5)
     assert interp(base["curve"], "seconds", 2.5) == pytest.approx(7.0)
+    # Measured timing, when given, decides the overhead.
+    timing = {"baseline": {"median": 1.0}, "engram": {"median": 1.25}}
+    assert verdict([base, eng], timing=timing)["comparisons"][0]["step_time_overhead"] == pytest.approx(0.25)
+
+
+def test_verdict_over_seeds_gives_a_95_percent_interval_and_says_tied_when_it_holds_zero():
+    def run(name, seed, final):
+        return {"name": name, "seed": seed, "step_seconds_median": 1.0, "tokens_per_second": 1.0,
+                "curve": [{"step": 0, "seconds": 0.0, "val_loss": 8.0}, {"step": 10, "seconds": 10.0, "val_loss": final}]}
+
+    gaps = [-0.10, -0.12, -0.08]
+    runs = [r for i, g in enumerate(gaps) for r in (run("baseline", i, 4.0), run("engram", i, 4.0 + g))]
+    c = verdict(runs)["comparisons"][0]
+    mean, sd = sum(gaps) / 3, statistics.stdev(gaps)
+    assert c["seeds"] == [0, 1, 2] and c["equal_steps"]["gaps"] == pytest.approx(gaps)
+    assert c["equal_steps"]["gap"] == pytest.approx(mean)
+    assert c["equal_steps"]["high"] == pytest.approx(mean + 4.303 * sd / math.sqrt(3))  # t(0.975, df=2)
+    assert c["equal_steps"]["verdict"] == "ahead"
+    gaps = [-0.10, 0.05, -0.02]  # an interval across 0
+    runs = [r for i, g in enumerate(gaps) for r in (run("baseline", i, 4.0), run("engram", i, 4.0 + g))]
+    c = verdict(runs)["comparisons"][0]
+    assert c["equal_seconds"]["low"] < 0 < c["equal_seconds"]["high"] and c["equal_seconds"]["verdict"] == "tied"
+    assert interval([0.3]) == (0.3, 0.3, 0.3)
 
 
 def test_study_writes_report_summary_and_plots(tmp_path, text_file, capsys):
     out = tmp_path / "study"
     rc = main(["study", "--data", str(text_file), "--steps", "4", "--variants", "baseline,engram,nogate",
-               "--out", str(out), *TINY])
+               "--seeds", "0,1", "--timing-rounds", "3", "--out", str(out), *TINY])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "engram vs baseline" in printed and "per wall-clock second" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "engram vs baseline (2 seeds)" in printed and "per wall-clock second" in printed
+    assert "95% interval" in printed and "negative = the variant is better" in printed
+    assert "inside the learning-rate warmup" not in captured.err  # 4 steps > 2 warmup steps
     report = json.loads((out / "report.json").read_text())
-    names = [r["name"] for r in report["runs"]]
-    assert names == ["baseline", "engram", "nogate"]
-    keys = {"name", "config", "params_dense", "params_table", "steps", "tokens", "wall_seconds",
-            "tokens_per_second", "step_seconds_median", "final_val_loss", "curve"}
+    assert [(r["name"], r["seed"]) for r in report["runs"]] == [
+        ("baseline", 0), ("engram", 0), ("nogate", 0), ("baseline", 1), ("engram", 1), ("nogate", 1)]
+    keys = {"name", "seed", "config", "params_dense", "params_table", "steps", "tokens", "wall_seconds",
+            "tokens_per_second", "step_seconds_median", "final_val_loss", "curve", "passes"}
+    timing = report["timing"]
+    assert set(timing) == {"baseline", "engram", "nogate"} and all(t["n"] == 3 for t in timing.values())
     for r in report["runs"]:
         assert keys <= set(r)
         assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 32  # same budget, same stream
         assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == 4
-        assert all(set(c) == {"step", "seconds", "tokens", "val_loss"} for c in r["curve"])
+        assert all(set(c) == {"step", "seconds", "clock_seconds", "tokens", "val_loss"} for c in r["curve"])
+        # equal seconds = steps x the measured seconds per step
+        assert all(c["seconds"] == pytest.approx(c["step"] * timing[r["name"]]["median"]) for c in r["curve"])
         assert r["final_val_loss"] == r["curve"][-1]["val_loss"]
+        assert r["passes"] == pytest.approx(r["tokens"] / report["data"]["train_tokens"])
         assert r["rss_delta_mb"] >= 0 and r["state_mb"] > 0
-    by = {r["name"]: r for r in report["runs"]}
-    assert by["baseline"]["params_table"] == 0 and by["engram"]["params_table"] > 0
-    assert by["baseline"]["curve"][0]["val_loss"] == pytest.approx(by["engram"]["curve"][0]["val_loss"], abs=0.05)
+    by = {(r["name"], r["seed"]): r for r in report["runs"]}
+    assert by["baseline", 0]["params_table"] == 0 and by["engram", 0]["params_table"] > 0
+    assert by["baseline", 0]["curve"][0]["val_loss"] == pytest.approx(by["engram", 0]["curve"][0]["val_loss"], abs=0.05)
+    assert by["engram", 0]["curve"] != by["engram", 1]["curve"]  # another seed, another run
     assert {c["variant"] for c in report["verdict"]["comparisons"]} == {"engram", "nogate"}
-    for f in ("summary.md", "loss_vs_steps.png", "loss_vs_seconds.png"):
+    assert report["machine"]["torch_threads"] == 1 and len(report["machine"]["load_before"]) == 3
+    for f in ("summary.md", "loss_vs_steps.png", "loss_vs_seconds.png", "gap_vs_seconds.png"):
         assert (out / f).stat().st_size > 0
-    assert "## Verdict" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "## Verdict" in summary and "## Timing" in summary
+
+
+def test_study_curves_do_not_depend_on_machine_load(tmp_path, text_file):
+    """A step budget makes the loss-vs-step curves a pure function of (seed, step): the same
+    study beside two busy processes gives bit-identical curves."""
+    args = ["study", "--data", str(text_file), "--steps", "4", "--seeds", "3", "--timing-rounds", "2", *TINY]
+    assert main([*args, "--out", str(tmp_path / "quiet")]) == 0
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        assert main([*args, "--out", str(tmp_path / "busy")]) == 0
+    finally:
+        for p in busy:
+            p.kill()
+    quiet, loaded = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("quiet", "busy"))
+    assert [[(c["step"], c["val_loss"]) for c in r["curve"]] for r in quiet["runs"]] == \
+        [[(c["step"], c["val_loss"]) for c in r["curve"]] for r in loaded["runs"]]
+    assert quiet["verdict"]["comparisons"][0]["equal_steps"]["gap"] == \
+        loaded["verdict"]["comparisons"][0]["equal_steps"]["gap"]
+
+
+def test_study_warns_inside_warmup_and_beyond_one_pass(tmp_path, text_file, capsys):
+    assert main(["study", "--data", str(text_file), "--steps", "4", "--seeds", "0", "--timing-rounds", "1",
+                 "--out", str(tmp_path / "w"), *TINY, "--warmup-steps", "5", "--batch-size", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "inside the learning-rate warmup" in err
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert any("inside the learning-rate warmup" in w for w in report["warnings"])
+    passes = report["runs"][0]["passes"]
+    assert passes > 1 and f"saw their training text {passes:.1f} times" in err
 
 
 def test_study_bad_input_writes_nothing(tmp_path, text_file, capsys):

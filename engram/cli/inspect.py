@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     print(f"tokens: {r['tokens']}")
     print(f"loss: {r['loss']:.4f} with Engram, {r['loss_engram_off']:.4f} with Engram switched off "
-          f"({r['loss_engram_off'] - r['loss']:+.4f})")
+          f"(gap with - without {r['loss'] - r['loss_engram_off']:+.4f}; negative = Engram better)")
     for lid, u in r["table_usage"].items():
         g = r["gate_mean"].get(lid)
         print(f"layer {lid}: rows touched {u['rows_touched']:,} of {u['table_rows']:,} "

@@ -1,10 +1,11 @@
 """Kill ``engram train`` at random instants and check that resuming ends bit-identical.
 
 For each signal (SIGKILL, SIGINT, SIGTERM) and each of ``--n`` random kill points: start
-``engram train --checkpoint-every 1`` on a tiny model, send the signal at a uniformly random
-instant between the first checkpoint and the end of an uninterrupted run, then ``--resume`` (or
-start again if no checkpoint was complete yet) until the run finishes, and compare every weight
-and the report's held-out curve with the uninterrupted run. Prints a table and writes
+``engram train --checkpoint-every 1`` on a tiny model, wait until its checkpoint pointer reaches a
+random step, then send the signal after a random delay of up to 1.5 step-and-save times (so it
+lands anywhere in a step, a save, or an evaluation, whatever the machine's load), then
+``--resume`` until the run finishes, and compare every weight and the report's held-out curve
+with the uninterrupted run. Prints a table and writes
 ``results.json`` under ``--workdir``.
 
     python benchmarks/kill_loop.py --n 20            # the figures of issue 13's closing note
@@ -39,6 +40,13 @@ def make_text(n_lines: int = 600, seed: int = 0) -> str:
 def train_cmd(data: Path, out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "engram", "train", "--data", str(data), "--steps", str(steps), "--out", str(out),
             "--checkpoint-every", "1", *TINY]
+
+
+def _pointer_step(run: Path) -> int:
+    try:
+        return int((run / "checkpoints" / "latest").read_text().split("-")[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def weights(run: Path) -> dict:
@@ -90,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     assert proc.returncode == 0, proc.returncode
     first, end = first or 0.5 * total, end or total
-    print(f"uninterrupted run: {total:.2f} s, first checkpoint after {first:.2f} s, report after {end:.2f} s; "
-          f"kills drawn in [{0.9 * first:.2f}, {end:.2f}] s; load {os.getloadavg()[0]:.2f}")
+    per_step = (end - first) / max(a.steps - 1, 1)
+    print(f"uninterrupted run: {total:.2f} s, first checkpoint after {first:.2f} s, report after {end:.2f} s "
+          f"({per_step * 1e3:.0f} ms per step with its save); kills at a random step + U(0, {1.5 * per_step * 1e3:.0f} ms); "
+          f"load {os.getloadavg()[0]:.2f}")
     rng = random.Random(a.seed)
     results = []
     for name in a.signals.split(","):
@@ -99,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.n):
             out = work / f"{name}-{i}"
             shutil.rmtree(out, ignore_errors=True)
-            at = rng.uniform(0.9 * first, end)
+            target, delay = rng.randint(1, a.steps - 2), rng.uniform(0, 1.5 * per_step)
             proc = subprocess.Popen(train_cmd(data, out, a.steps), env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
-            time.sleep(at)
+            t_start = time.perf_counter()
+            while proc.poll() is None and _pointer_step(out) < target:
+                time.sleep(0.001)
+            time.sleep(delay)
+            at = time.perf_counter() - t_start
             proc.send_signal(sig)
             _, err = proc.communicate()
             killed_rc = proc.returncode
@@ -122,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     outcome = f"resume failed rc {r.returncode}: {r.stderr.strip().splitlines()[-1:]}"
                     break
             ok, detail = same_run(ref, out) if not outcome else (False, outcome)
-            results.append({"signal": name, "at_s": round(at, 3), "rc": killed_rc, "finished": finished, "resumes": resumes,
+            results.append({"signal": name, "at_s": round(at, 3), "after_step": target, "delay_ms": round(delay * 1e3, 1), "rc": killed_rc, "finished": finished, "resumes": resumes,
                             "cleaned": cleaned, "identical": ok, "detail": detail})
-            print(f"{name:4s} #{i:2d} at {at:5.2f}s rc {killed_rc:4d} resumes {resumes} cleaned {cleaned} "
+            print(f"{name:4s} #{i:2d} step {target:2d} +{delay * 1e3:3.0f} ms ({at:5.2f}s) rc {killed_rc:4d} resumes {resumes} cleaned {cleaned} "
                   f"{'IDENTICAL' if ok else 'DIFFERENT'} ({detail})", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     print("\nsignal  kills  finished-before-kill  bit-identical")

@@ -186,6 +186,23 @@ def test_sigterm_stops_between_steps_saves_and_resumes_bit_identically(tmp_path,
     assert train("--resume", str(tmp_path / "cut"), "--no-progress") == 0
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
 
+    def report(name):  # the curve's steps and losses (its seconds are wall-clock)
+        r = json.loads((tmp_path / name / "report.json").read_text())
+        return {"curve": [(c["step"], c["val_loss"]) for c in r["curve"]]}
+
+    assert report("cut")["curve"] == report("full")["curve"]
+    # A signal in the last step: the run completes with its final evaluation (the kill loop
+    # found it skipped once), exit 0, the same curve.
+    def term_in_last_step(self, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(data.TokenBatcher, "batch", term_in_last_step)
+    assert train(*args, "--out", str(tmp_path / "last")) == 0
+    assert report("last")["curve"] == report("full")["curve"]
+    assert_same_weights(tmp_path / "full", tmp_path / "last")
+
 
 def test_a_second_ctrl_c_aborts_at_once():
     with StopSignals() as stop:

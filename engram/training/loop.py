@@ -406,7 +406,9 @@ def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
 
     with StopSignals() as stop:
         try:
-            while stop.signum is None:
+            while True:
+                # The evaluation due at this step runs even when a signal came: an uninterrupted
+                # run makes it here too, so the resumed curve is the same.
                 if trainer.eval_data and trainer.eval_due():
                     bar.set_postfix_str(f"val {trainer.evaluate():.3f}", refresh=False)
                 if trainer.done or stop.signum is not None:

@@ -181,3 +181,33 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert blocks, "docs/study.md needs a ```python example"
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], str(DOCS), "exec"), {"__name__": "__docs__"})
+
+
+def test_variant_overrides_and_sweep_variants():
+    from engram.cli.study import split_variant
+    from engram.cli.sweep import sweep_variants
+
+    assert split_variant("engram@table-size=5000:engram-layers=0+2") == ("engram", {"table_size": 5000,
+                                                                                  "engram_layers": "0,2"})
+    with pytest.raises(ValueError, match="FLAG=VALUE"):
+        split_variant("engram@lr=3")
+    with pytest.raises(ValueError, match="needs an integer"):
+        split_variant("engram@table-size=big")
+    assert sweep_variants("table-size", ["100", "400"]) == ["baseline", "engram@table-size=100", "engram@table-size=400"]
+    assert sweep_variants("variant", ["engram", "lite"]) == ["baseline", "engram", "lite"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        sweep_variants("variant", ["turbo"])
+
+
+def test_sweep_over_table_size_writes_its_table_and_plot(tmp_path, text_file, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--axis", "table-size", "--values", "50,200", "--data", str(text_file), "--steps", "4",
+                 "--seeds", "0,1", "--timing-rounds", "2", "--out", str(out), *TINY]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["value"] for r in sweep["rows"]] == ["50", "200"]
+    small, large = sweep["rows"]
+    assert small["params_table"] < large["params_table"]  # the override reached the model
+    assert all(r["low_steps"] <= r["gap_steps"] <= r["high_steps"] for r in sweep["rows"])
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]][:3] == ["baseline", "engram@table-size=50", "engram@table-size=200"]
+    assert (out / "sweep.png").stat().st_size > 0 and "| 200 |" in (out / "sweep.md").read_text()

@@ -15,6 +15,7 @@ import threading
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("engram.cli.demo", "build an Engram GPT, hash a sentence and run it"),
     "study": ("engram.cli.study", "train the same GPT with and without Engram and compare"),
+    "sweep": ("engram.cli.sweep", "one study over an axis: table size, placement, width, variants"),
     "train": ("engram.cli.train", "train one model and write report.json"),
     "generate": ("engram.cli.generate", "sample text from a checkpoint"),
     "inspect": ("engram.cli.inspect", "gate heatmap, table usage and Engram-off loss"),

@@ -63,15 +63,53 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         15: 2.131, 20: 2.086, 30: 2.042}
 
 
+#: Model flags a variant may override (``engram@table-size=5000:engram-layers=0+2``; ``+`` stands
+#: for a comma inside a value).
+OVERRIDABLE = {"table-size": "table_size", "engram-layers": "engram_layers", "ngram": "ngram",
+               "engram-heads": "engram_heads", "engram-dim": "engram_dim", "dim": "dim", "layers": "layers",
+               "heads": "heads", "engram-init": "engram_init"}
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``"engram@table-size=5000:dim=96"`` -> ``("engram", {"table_size": 5000, "dim": 96})``."""
+    base, _, rest = name.partition("@")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(":")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in OVERRIDABLE:
+            raise ValueError(f"variant {name!r}: {item!r} is not FLAG=VALUE with FLAG one of {', '.join(OVERRIDABLE)}")
+        value = value.replace("+", ",")
+        attr = OVERRIDABLE[key]
+        overrides[attr] = value if attr in ("engram_layers", "engram_init") else _int(value, name, key)
+    return base, overrides
+
+
+def _int(text: str, name: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"variant {name!r}: {key} needs an integer, got {text!r}") from None
+
+
 def parse_variants(text: str) -> list[str]:
-    """``"baseline,engram"`` -> names; ``ValueError`` listing the valid ones for an unknown name."""
+    """``"baseline,engram,engram@table-size=5000"`` -> names; ``ValueError`` listing the valid ones
+    for an unknown name."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in names if v not in VARIANTS]
+    bad = [v for v in names if split_variant(v)[0] not in VARIANTS]
     if bad:
-        raise ValueError(f"unknown variant(s) {', '.join(bad)}; valid variants: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant(s) {', '.join(bad)}; valid variants: {', '.join(VARIANTS)} "
+                         f"(each optionally @FLAG=VALUE[:FLAG=VALUE], FLAG one of {', '.join(OVERRIDABLE)})")
     if len(names) < 1 or len(set(names)) != len(names):
         raise ValueError(f"--variants needs distinct names, got {text!r}")
     return names
+
+
+def variant_config(name: str, args: argparse.Namespace, vocab_size: int, pad_id: int) -> Any:
+    """The ``GPTConfig`` of variant ``name``: the flags, its overrides, its switch of the Engram config."""
+    base, overrides = split_variant(name)
+    vargs = argparse.Namespace(**{**vars(args), **overrides})
+    engram = engram_config_from_args(vargs, pad_id=pad_id)
+    return gpt_config_from_args(vargs, vocab_size, VARIANTS[base](engram))
 
 
 def interp(curve: list[dict[str, Any]], key: str, x: float) -> float:
@@ -162,7 +200,7 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"{c['variant']} vs {report['verdict']['reference']} ({n} seed{'s' if n > 1 else ''}): "
             f"at step {s['step']}: gap {s['gap']:+.4f}{spread(s)}; "
-            f"at {t['seconds']:.1f} s: gap {t['gap']:+.4f}{spread(t)}; step time {c['step_time_overhead']:+.1%} "
+            f"at {t['seconds']:.3g} s: gap {t['gap']:+.4f}{spread(t)}; step time {c['step_time_overhead']:+.1%} "
             f"-> {t['verdict']} per wall-clock second, {s['verdict']} per step"
         )
     if lines:
@@ -388,9 +426,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps is None and args.time_budget is None:
         args.steps = DEFAULT_STEPS
     tcfg0 = train_config_from_args(args)
-    base_engram = engram_config_from_args(args, pad_id=0)
     for v in variants:  # every config is validated before the data work and before writing anything
-        gpt_config_from_args(args, args.vocab_size, VARIANTS[v](base_engram))
+        variant_config(v, args, args.vocab_size, 0)
     out = Path(args.out)
     machine = machine_info()
 
@@ -410,11 +447,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             tp = time.perf_counter()
             tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, seed)
             info["prepare_seconds"] = time.perf_counter() - tp
-            engram = engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
             trainers, rss_delta = [], {}
             for v in variants:
                 before = rss_mb()
-                cfg = gpt_config_from_args(args, len(tokenizer), VARIANTS[v](engram))
+                cfg = variant_config(v, args, len(tokenizer), pad_id_of(tokenizer))
                 trainers.append(Trainer(build_model(cfg, tokenizer, seed), batcher, tcfg, evals, name=v))
                 rss_delta[v] = rss_mb() - before
                 if seed == seeds[0]:

@@ -55,3 +55,38 @@ def test_cli(capsys):
     assert out["engram_share"] == pytest.approx(0.2, abs=1e-3)
     assert main(["size", "--table-params", "1"]) == 2
     assert "rows per head" in capsys.readouterr().err
+
+
+def test_table_size_rule_from_training_tokens():
+    from engram.training.sizing import MIN_ROWS_PER_HEAD, TOKENS_PER_ROW, rows_per_head_for
+
+    assert rows_per_head_for(0) == MIN_ROWS_PER_HEAD
+    n = 1_234_567
+    got = rows_per_head_for(n)
+    assert abs(got - n / TOKENS_PER_ROW) <= 0.05 * n / TOKENS_PER_ROW  # two significant digits
+    assert len(str(got).rstrip("0")) <= 2
+    assert rows_per_head_for(2 * n) > got  # more text, bigger table
+    with pytest.raises(ValueError):
+        rows_per_head_for(-1)
+
+
+def test_study_without_table_size_uses_and_reports_the_rule(tmp_path, monkeypatch):
+    import json
+    import random
+
+    from engram.cli import main
+    from engram.training.sizing import rows_per_head_for
+
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    words = ["the cat", "a dog", "sees", "loves", "the moon", "an apple", "quietly", "the river"]
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(5)) for _ in range(500)))
+    assert main(["study", "--data", str(tmp_path / "t.txt"), "--steps", "3", "--seeds", "0", "--variants", "engram",
+                 "--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
+                 "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256", "--warmup-steps", "1",
+                 "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    chosen = report["data"]["table_size"]
+    assert chosen["rows_per_head"] == rows_per_head_for(report["data"]["train_tokens"]) and "tokens" in chosen["rule"]
+    sizes = report["runs"][0]["config"]["engram"]["engram_vocab_size"]
+    assert sizes == [chosen["rows_per_head"]] * len(sizes)

@@ -14,7 +14,7 @@ from engram.models.gpt import GPTConfig
 
 #: Defaults chosen by measurement on a shared 2-core CPU (docs/study.md).
 DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, vocab_size=4096,
-                engram_layers="1", table_size=20000, ngram=3, engram_heads=4, engram_dim=128,
+                engram_layers="1", table_size=None, ngram=3, engram_heads=4, engram_dim=128,
                 lr=3e-3, table_lr_mult=5.0, warmup_steps=30, eval_tokens=16384,
                 sparse_tables=True, engram_init="zero")
 
@@ -41,7 +41,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engram-layers", default=DEFAULTS["engram_layers"],
                    help="comma-separated 0-based blocks with an Engram branch (default %(default)s)")
     g.add_argument("--table-size", type=int, default=DEFAULTS["table_size"],
-                   help="base table rows per hash head, every order (default %(default)s; each head takes the next unused prime)")
+                   help="base table rows per hash head, every order (default: from the training text, "
+                        "training tokens / 60, at least 1,000: docs/science.md; each head takes the next unused prime)")
     g.add_argument("--ngram", type=int, default=DEFAULTS["ngram"], help="max n-gram order (default %(default)s)")
     g.add_argument("--engram-heads", type=int, default=DEFAULTS["engram_heads"], help="hash heads per order (default %(default)s)")
     g.add_argument("--engram-dim", type=int, default=DEFAULTS["engram_dim"], help="memory width per order (default %(default)s)")
@@ -107,12 +108,13 @@ def parse_layers(text: str) -> list[int]:
 
 def engram_config_from_args(args: argparse.Namespace, pad_id: int | None = None) -> EngramConfig:
     """The Engram config the flags describe (the ``engram`` study variant)."""
-    if args.table_size is None or args.table_size < 2:
+    size = args.table_size if args.table_size is not None else 20000  # a placeholder until the data is known
+    if size < 2:
         raise ValueError(f"--table-size must be >= 2 rows, got {args.table_size!r}")
     return EngramConfig(
         hidden_size=args.dim, layer_ids=parse_layers(args.engram_layers), max_ngram_size=args.ngram,
         n_embed_per_ngram=args.engram_dim, n_head_per_ngram=args.engram_heads,
-        engram_vocab_size=[args.table_size] * (args.ngram - 1), pad_id=pad_id, sparse_grad=args.sparse_tables,
+        engram_vocab_size=[size] * (args.ngram - 1), pad_id=pad_id, sparse_grad=args.sparse_tables,
         zero_init_output=args.engram_init == "zero",
     )
 
@@ -148,6 +150,18 @@ def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: 
             "eval_tokens_used": int(sum(y.numel() for _, y in evals)), "tokenizer_vocab": len(tokenizer),
             "train_sha256": array_sha256(train_ids), "eval_sha256": array_sha256(eval_ids)}
     return tokenizer, batcher, evals, info
+
+
+def resolve_table_size(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """Without ``--table-size``, set it from the training text (:func:`engram.training.sizing.rows_per_head_for`)
+    and record the rule's choice in ``info``."""
+    from engram.training.sizing import rows_per_head_for, table_size_rule_text  # noqa: PLC0415
+
+    if args.table_size is None:
+        args.table_size = rows_per_head_for(info["train_tokens"])
+        info["table_size"] = {"rows_per_head": args.table_size, "rule": table_size_rule_text()}
+    else:
+        info["table_size"] = {"rows_per_head": args.table_size, "rule": "--table-size"}
 
 
 def pad_id_of(tokenizer: Any) -> int:

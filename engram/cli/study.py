@@ -40,7 +40,7 @@ import torch
 from engram.config import EngramConfig
 from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
                               fail, gpt_config_from_args, int_at_least, pad_id_of, prepare_data,
-                              train_config_from_args)
+                              resolve_table_size, train_config_from_args)
 
 #: variant name -> how it changes the ``engram`` config (``None``: no Engram at all).
 VARIANTS: dict[str, Callable[[EngramConfig], EngramConfig | None]] = {
@@ -430,6 +430,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         variant_config(v, args, args.vocab_size, 0)
     out = Path(args.out)
     machine = machine_info()
+    from engram.training.sizing import table_size_rule_text  # noqa: PLC0415
+
+    table_rule = "--table-size" if args.table_size is not None else table_size_rule_text()
 
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -447,6 +450,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             tp = time.perf_counter()
             tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, seed)
             info["prepare_seconds"] = time.perf_counter() - tp
+            if seed == seeds[0] and args.table_size is None:
+                resolve_table_size(args, info)
+                print(f"table size: {args.table_size:,} rows per head ({info['table_size']['rule']})", file=sys.stderr)
+            info["table_size"] = {"rows_per_head": args.table_size, "rule": table_rule}
             trainers, rss_delta = [], {}
             for v in variants:
                 before = rss_mb()

@@ -20,7 +20,7 @@ import torch
 
 from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
                               fail, gpt_config_from_args, int_at_least, pad_id_of, prepare_data,
-                              train_config_from_args)
+                              resolve_table_size, train_config_from_args)
 
 #: Flags that fix the model or its tokenizer: a resume can never change them.
 MODEL_FLAGS = ("layers", "dim", "heads", "seq_len", "engram_layers", "table_size", "ngram", "engram_heads",
@@ -195,6 +195,8 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=0)
         gpt_config_from_args(args, args.vocab_size, engram)
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        if not args.no_engram:
+            resolve_table_size(args, info)
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
         model = build_model(gpt_config_from_args(args, len(tokenizer), engram), tokenizer, tcfg.seed)
         run_id = uuid.uuid4().hex

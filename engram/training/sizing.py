@@ -105,3 +105,27 @@ def count_hf_params(model_name_or_path: str) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters()), int(config.hidden_size)
+
+
+#: The table-size rule's constant: training token positions per table row (each head of each order
+#: hashes every position, so this is the mean number of lookups a row gets per pass over the
+#: training text). Measured on three corpora (docs/science.md, "How big a table").
+TOKENS_PER_ROW = 60
+#: Smallest table the rule gives (rows per head): below it, collisions dominate any corpus.
+MIN_ROWS_PER_HEAD = 1000
+
+
+def rows_per_head_for(train_tokens: int, tokens_per_row: float = TOKENS_PER_ROW,
+                      minimum: int = MIN_ROWS_PER_HEAD) -> int:
+    """Base rows per hash head for a training text of ``train_tokens`` tokens (the rule used when
+    ``--table-size`` is not given): ``train_tokens / tokens_per_row``, at least ``minimum``,
+    rounded to two significant digits (each head then takes the next unused prime)."""
+    if train_tokens < 0 or not tokens_per_row > 0:
+        raise ValueError(f"train_tokens={train_tokens} must be >= 0 and tokens_per_row={tokens_per_row} > 0")
+    rows = max(minimum, train_tokens / tokens_per_row)
+    digits = len(str(int(rows))) - 2
+    return int(round(rows, -digits)) if digits > 0 else int(round(rows))
+
+
+def table_size_rule_text(tokens_per_row: float = TOKENS_PER_ROW) -> str:
+    return f"training tokens / {tokens_per_row:g}, at least {MIN_ROWS_PER_HEAD:,} (docs/science.md)"

@@ -293,6 +293,14 @@ def test_resume_refuses_changed_flags_unless_allowed(tmp_path, run6, capsys):
     assert train("--resume", str(run), "--steps", "8", "--lr", "0.01", "--allow-changes", "--no-progress") == 0
     state = ckpt.load_checkpoint(run, load_training_state=True).training_state
     assert state["step"] == 8 and state["train_config"]["lr"] == 0.01
+    # A flag typed with its default value is a change too (the run's lr is now 0.01).
+    assert train("--resume", str(run), "--steps", "9", "--lr", "0.003", "--no-progress") == 2
+    assert "--lr 0.01 -> 0.003" in capsys.readouterr().err
+    # A finished run is not saved again.
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train("--resume", str(run), "--no-progress") == 0
+    assert "already complete (8 steps)" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def test_resume_refuses_changed_data_unless_allowed(tmp_path, run6, text_file, capsys):
@@ -301,7 +309,7 @@ def test_resume_refuses_changed_data_unless_allowed(tmp_path, run6, text_file, c
     try:
         text_file.write_text(make_text(seed=1))
         assert train("--resume", str(run), "--steps", "8", "--no-progress") == 2
-        assert "training data changed" in capsys.readouterr().err
+        assert "is not the data the run trained on (nothing was read from it)" in capsys.readouterr().err
         assert train("--resume", str(run), "--steps", "8", "--allow-changes", "--no-progress") == 0
     finally:
         text_file.write_text(original)
@@ -332,7 +340,8 @@ def test_resume_with_its_tokenizer_deleted_changes_nothing(tmp_path, run6, text_
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     shutil.rmtree(ckpt.resolve_checkpoint_dir(run) / "tokenizer")
     assert train("--resume", str(run), "--steps", "8", "--no-progress") == 2
-    assert "tokenizer" in capsys.readouterr().err and "missing" in capsys.readouterr().err + "missing"
+    err = capsys.readouterr().err
+    assert "has no complete checkpoint (the newest: " in err and "tokenizer/tokenizer.json is missing" in err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert set(after) == {p for p in before if "tokenizer" not in p.parts}
     assert all(after[p] == before[p] for p in after)
@@ -369,6 +378,46 @@ def test_a_crafted_pointer_cannot_lead_outside_the_run(tmp_path, run6):
     (run / "checkpoints" / "latest").write_text("../../elsewhere")
     with pytest.warns(UserWarning, match="not a complete checkpoint"):
         assert ckpt.resolve_checkpoint_dir(run).name == "step-00000006"
+
+
+def test_a_symlinked_checkpoint_is_never_followed_or_pruned_through(tmp_path, run6):
+    run = copy_run(run6, tmp_path)
+    victim = tmp_path / "victim"
+    shutil.copytree(ckpt.resolve_checkpoint_dir(run), victim)
+    (run / "checkpoints" / "step-00000005").symlink_to(victim)
+    (run / "checkpoints" / "step-00000099").symlink_to(victim)  # would be "latest" if links counted
+    assert ckpt.resolve_checkpoint_dir(run).name == "step-00000006"
+    assert train("--resume", str(run), "--steps", "8", "--keep-checkpoints", "1", "--no-progress") == 0
+    assert ckpt.is_complete(victim) and (victim / "manifest.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000008"]
+
+
+def test_stale_leftovers_of_a_lone_checkpoint_are_removed_by_the_next_save(tmp_path, small):
+    model, tok = small
+    ck = tmp_path / "ck"
+    ckpt.save_checkpoint(ck, model, tok, {"v": 1})
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    for kind in ("tmp", "old"):
+        shutil.copytree(ck, tmp_path / f".ck.{kind}-{dead}")
+    ckpt.save_checkpoint(ck, model, tok, {"v": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    # While the target is missing, the .old copy is the only checkpoint: kept (and loaded).
+    os.rename(ck, tmp_path / f".ck.old-{dead}")
+    assert ckpt.clean_siblings(ck) == []
+    with pytest.warns(UserWarning, match="a save was interrupted"):
+        assert ckpt.load_checkpoint(ck, load_training_state=True).training_state == {"v": 2}
+
+
+def test_an_out_directory_that_cannot_be_created_is_a_clear_error(tmp_path, monkeypatch):
+    from pathlib import Path as P
+
+    def refuse(self, *a, **kw):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(P, "mkdir", refuse)
+    with pytest.raises(ValueError, match="cannot be created: Operation not permitted"):
+        with ckpt.RunLock(tmp_path / "new"):
+            pass
 
 
 # ---------------------------------------------------------------------- data and caches

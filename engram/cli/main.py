@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("engram.cli.study", "train the same GPT with and without Engram and compare"),
     "sweep": ("engram.cli.sweep", "one study over an axis: table size, placement, width, variants"),
     "train": ("engram.cli.train", "train one model and write report.json"),
+    "prepare": ("engram.cli.prepare", "tokenise large text files into a memory-mapped token directory"),
     "generate": ("engram.cli.generate", "sample text from a checkpoint"),
     "inspect": ("engram.cli.inspect", "gate heatmap, table usage and Engram-off loss"),
     "bench": ("engram.cli.bench", "time and memory benchmarks (hashing, lookup, step, decode)"),
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
+    args._argv = list(argv)  # what the user typed: commands that must tell given flags from defaults read it
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2

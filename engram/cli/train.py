@@ -101,10 +101,22 @@ def _run(args: argparse.Namespace) -> int:
         return _train(args, out)
 
 
-def _flag_defaults() -> dict[str, Any]:
+def _given_flags(args: argparse.Namespace) -> set[str]:
+    """The flags the user typed (a value equal to the default counts too), from ``args._argv``."""
+    argv = getattr(args, "_argv", None)
+    if argv is None:  # called without the command line: every non-default value counts as given
+        defaults = vars(_parser().parse_args([]))
+        return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    p = _parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv[1:] if argv[:1] == ["train"] else argv)))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     add_arguments(p)
-    return vars(p.parse_args([]))
+    return p
 
 
 def _normalise(key: str, value: Any) -> Any:
@@ -115,11 +127,11 @@ def _normalise(key: str, value: Any) -> Any:
 
 def _check_changes(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str, Any]:
     """Flags given now that differ from the run's: ``ValueError`` unless allowed; returns the allowed ones."""
-    defaults = _flag_defaults()
+    given = _given_flags(args)
     changed = {}
     for k in MODEL_FLAGS + CHANGEABLE_FLAGS:
         now = _normalise(k, getattr(args, k, None))
-        if k in saved and now != _normalise(k, defaults.get(k)) and now != saved[k]:
+        if k in saved and k in given and now != saved[k]:
             changed[k] = (saved[k], now)
     fixed = {k: v for k, v in changed.items() if k in MODEL_FLAGS}
     if fixed:
@@ -130,6 +142,38 @@ def _check_changes(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str,
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items())
                          + "; drop the flags, or add --allow-changes to continue with the new values")
     return {k: b for k, (a, b) in changed.items()}
+
+
+def _files_info(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Path, size and SHA-256 of every --data / --eval-data file (what a resume checks first)."""
+    from engram.training.checkpoint import file_sha256  # noqa: PLC0415
+
+    out = []
+    for p in [*(args.data or []), *(args.eval_data or [])]:
+        path = Path(p).resolve()
+        out.append({"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)})
+    return out
+
+
+def _check_files(files: list[dict[str, Any]] | None, allow_changes: bool) -> None:
+    """Before a resume reads the data files its checkpoint names: each must be a regular file of
+    the recorded size and SHA-256, so a stored path never decides what a run trains on."""
+    from engram.training.checkpoint import file_sha256  # noqa: PLC0415
+
+    for f in files or []:
+        path = Path(f["path"])
+        if not path.is_file():
+            raise ValueError(f"the run's data file {str(path)!r} is missing or not a file; restore it, or give "
+                             "the data with --data (its tokens must match the run's)")
+        if allow_changes:
+            continue
+        if path.stat().st_size != f["size"]:
+            raise ValueError(f"the run's data file {str(path)!r} has {path.stat().st_size:,} bytes, the run's had "
+                             f"{f['size']:,}; it is not the data the run trained on (nothing was read from it). "
+                             "Restore it, or add --allow-changes to continue on the new data")
+        if file_sha256(path) != f["sha256"]:
+            raise ValueError(f"the run's data file {str(path)!r} differs from the one the run trained on "
+                             "(SHA-256); restore it, or add --allow-changes to continue on the new data")
 
 
 def _load_for_resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -157,7 +201,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     from engram.training.loop import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
 
     for name in clean_run_dir(out):
-        print(f"engram: removed {name}, left in {out / 'checkpoints'} by an interrupted save", file=sys.stderr)
+        print(f"engram: removed {name}, left in {out} by an interrupted save", file=sys.stderr)
     if args.resume:
         ck, saved_args, extra = _load_for_resume(args)
         changes = _check_changes(args, saved_args)
@@ -170,11 +214,17 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             tcfg_d["checkpoint_every"] = args.checkpoint_every
         tcfg_d.update({k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
         tcfg = TrainConfig(**tcfg_d)
+        done_steps = int(ck.training_state["step"])
+        if tcfg.time_budget is None and tcfg.max_steps is not None and done_steps >= tcfg.max_steps:
+            print(f"engram: the run in {out} is already complete ({done_steps} steps); give --steps N with "
+                  f"N > {done_steps} to train further", file=sys.stderr)
+            return 0
         given = {k for k in SOURCE_FLAGS if getattr(args, k, None)}
         for k in _DATA_FLAGS:
             if k in saved_args and k not in changes and not (given and k in SOURCE_FLAGS):
                 setattr(args, k, saved_args[k])
         if not given and (args.data or args.dataset):  # the run's own files: say which are read
+            _check_files(extra.get("data_files"), args.allow_changes)
             print(f"engram: resuming on {', '.join(args.data or [args.dataset])}"
                   + (f" (eval: {', '.join(args.eval_data)})" if args.eval_data else ""), file=sys.stderr)
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
@@ -211,12 +261,14 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS + SOURCE_FLAGS}
     data_args = {k: run_args.get(k, getattr(args, k, None)) for k in _DATA_FLAGS}
 
+    data_files = _files_info(args)
+
     def save(t: Trainer) -> None:
         state = t.state_dict()
         state["run_id"] = run_id
         save_run_checkpoint(out, t.model, tokenizer, t.step, state, keep_last=args.keep_checkpoints,
                             extra={"run_id": run_id, "args": run_args, "data_args": data_args, "step": t.step,
-                                   "data": info})
+                                   "data": info, "data_files": data_files})
 
     summary = run_training(trainer, save=save, progress_bar=not args.no_progress)
     ckpt_dir = latest_checkpoint(out)

@@ -189,7 +189,8 @@ def run_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [(k, p) for p in root.iterdir() if (k := _step_key(p.name)) is not None and p.is_dir() and is_complete(p)]
+    found = [(k, p) for p in root.iterdir()
+             if (k := _step_key(p.name)) is not None and not p.is_symlink() and p.is_dir() and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -201,7 +202,7 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         name = (root / LATEST_FILE).read_text().strip()
     except (OSError, UnicodeDecodeError):
         name = ""
-    if _step_key(name) is not None and is_complete(root / name):
+    if _step_key(name) is not None and not (root / name).is_symlink() and is_complete(root / name):
         return root / name
     complete = run_checkpoints(run_dir)
     if complete and name:
@@ -221,6 +222,9 @@ def _write_pointer(root: Path, name: str) -> None:
 
 
 def _remove_checkpoint(path: Path) -> None:
+    if path.is_symlink():  # not ours to delete: never follow a link out of the run directory
+        path.unlink()
+        return
     (path / MANIFEST_FILE).unlink(missing_ok=True)  # incomplete from here on, so never loaded half-deleted
     shutil.rmtree(path, ignore_errors=True)
 
@@ -232,18 +236,53 @@ def clean_run_dir(run_dir: str | os.PathLike[str]) -> list[str]:
     Call it only while holding the directory (:class:`RunLock`): it assumes no save is running.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
+    legacy = Path(run_dir) / "checkpoint"  # engram train's layout before run directories had checkpoints/
+    removed = [q.name for q in clean_siblings(legacy)]
     if not root.is_dir():
-        return []
+        return removed
     latest = latest_checkpoint(run_dir)
-    removed = []
     for p in sorted(root.iterdir()):
-        if _TMP_PREFIX in p.name or p.name.startswith(".engram-ckpt"):
+        if p.is_symlink() and (_TMP_PREFIX in p.name or _step_key(p.name) is not None):
+            p.unlink()  # a link where a checkpoint belongs: removed, its target left alone
+        elif _TMP_PREFIX in p.name:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         elif _step_key(p.name) is not None and p != latest and not is_complete(p):
             _remove_checkpoint(p)
         else:
             continue
         removed.append(p.name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_siblings(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed saves of ``save_checkpoint(target)`` left beside it (``.NAME.tmp-PID``,
+    ``.NAME.old-PID`` of processes no longer running); an ``.old`` copy stays while ``target`` is
+    missing (it is then the only checkpoint). Returns the paths removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for q in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = q.name[len(target.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        if kind == "old" and not is_complete(target) and not (target / CONFIG_FILE).exists():
+            continue
+        if q.is_symlink() or not q.is_dir():
+            q.unlink()
+        else:
+            shutil.rmtree(q, ignore_errors=True)
+        removed.append(q)
     return removed
 
 
@@ -281,8 +320,16 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     if (p / CHECKPOINTS_DIR).is_dir():
         latest = latest_checkpoint(p)
         if latest is None:
-            raise ValueError(f"run directory {str(p)!r} has no complete checkpoint (every save in "
-                             f"{str(p / CHECKPOINTS_DIR)!r} was interrupted)")
+            steps = sorted((k, q) for q in (p / CHECKPOINTS_DIR).iterdir()
+                           if (k := _step_key(q.name)) is not None and q.is_dir() and not q.is_symlink())
+            why = "no checkpoint was saved"
+            if steps:
+                try:
+                    verify_checkpoint(steps[-1][1], verify=False)
+                    why = f"the newest, {steps[-1][1].name}, is not complete"
+                except ValueError as e:
+                    why = f"the newest: {e}"
+            raise ValueError(f"run directory {str(p)!r} has no complete checkpoint ({why})")
         return latest
     if (p / "checkpoint" / CONFIG_FILE).exists():
         return p / "checkpoint"
@@ -305,6 +352,13 @@ def _serialisable_config(model: EngramGPT) -> dict[str, Any]:
         d["engram"]["pad_id"] = model.hashing.raw_pad_id
         d["engram"]["tokenizer_vocab_size"] = model.hashing.compressed.raw_vocab_size
     return d
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def _free_bytes(path: Path) -> str:
@@ -332,6 +386,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: EngramGPT, tokenizer: A
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
         raise ValueError(f"{str(target)!r} exists and is not an engram checkpoint; refusing to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_siblings(target)
     tmp = target.parent / f".{target.name}{_TMP_PREFIX}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -364,7 +419,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: EngramGPT, tokenizer: A
     except (OSError, RuntimeError, SafetensorError) as e:
         # torch.save reports a full disk as RuntimeError("unexpected pos ..."), safetensors as
         # SafetensorError("... No space left on device (os error 28)").
-        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e)
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e) \
+            or ("unexpected pos" in str(e) and _free(target.parent) < 1 << 20)
         raise CheckpointWriteError(
             getattr(e, "errno", None) or errno.EIO,
             f"could not save the checkpoint {str(target)!r}: {'the disk is full' if full else e} "
@@ -480,7 +536,10 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         check_output_dir(self.out)
         self._created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {str(self.out)!r} cannot be created: {e.strerror or e}") from None
         try:
             import fcntl  # noqa: PLC0415 - POSIX only
         except ImportError:

@@ -50,7 +50,7 @@ VARIANTS: dict[str, Callable[[EngramConfig], EngramConfig | None]] = {
     "noconv": lambda e: e.replace(use_short_conv=False),
     "nogate": lambda e: e.replace(use_gate=False),
 }
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 120
 DEFAULT_SEEDS = "0,1,2"
 #: Timing rounds after warm-up steps (each round: one step of every variant, order alternating).
 TIMING_WARMUP, TIMING_ROUNDS = 5, 20

@@ -22,7 +22,8 @@ DEFAULTS = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=16, voc
 # ---------------------------------------------------------------------- shared flags
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files (last 10%% of each held out)")
+    g.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files (last 10%% of each held out), "
+                                                            "or one directory written by engram prepare (memory-mapped)")
     g.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out text (then --data is all training text)")
     g.add_argument("--dataset", metavar="NAME", help="a Hugging Face `datasets` corpus (needs the package and a network)")
     g.add_argument("--tokenizer", metavar="PATH_OR_NAME", help="HF tokenizer (default: byte-level BPE trained on the data, cached)")
@@ -139,7 +140,16 @@ def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: 
     """``(tokenizer, batcher, eval_data, info)`` from the data flags; errors before anything is written."""
     from engram.training.data import (TokenBatcher, array_sha256, encode, eval_batches, get_tokenizer,  # noqa: PLC0415
                                       load_corpus)
+    from engram.training.prepared import is_prepared_dir, load_prepared_data  # noqa: PLC0415
 
+    if args.data and any(is_prepared_dir(d) for d in args.data):  # a directory of engram prepare: memory-mapped
+        others = [f for f, v in (("--eval-data", args.eval_data), ("--dataset", args.dataset),
+                                 ("--encoding", getattr(args, "encoding", None))) if v]
+        if len(args.data) != 1 or others:
+            raise ValueError("--data DIR (a directory of engram prepare) takes that one directory alone, without "
+                             + (", ".join(others) or "other --data paths")
+                             + ": its held-out split and encoding were fixed by engram prepare")
+        return load_prepared_data(args.data[0], batch_size, seq_len, seed, tokenizer, args.tokenizer, args.eval_tokens)
     corpus = load_corpus(args.data, args.eval_data, args.dataset, encoding=getattr(args, "encoding", None))
     if tokenizer is None:
         tokenizer = get_tokenizer(args.tokenizer, corpus.train_text, args.vocab_size)

@@ -151,6 +151,8 @@ def _files_info(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for p in [*(args.data or []), *(args.eval_data or [])]:
         path = Path(p).resolve()
+        if path.is_dir():  # a prepared corpus: its meta.json holds the SHA-256 of its token files
+            path = path / "meta.json"
         out.append({"path": str(path), "size": path.stat().st_size, "sha256": file_sha256(path)})
     return out
 

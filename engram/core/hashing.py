@@ -8,6 +8,12 @@ the compression table, each layer's multipliers (§2.2) and every head's prime t
 ``hash(ids)`` compresses raw ids and returns, per Engram layer, the per-head row index
 ``(B, T, H)`` (order-major, no head offset), computed by :func:`engram.ops.hash.hash_ngrams`
 (the formula of §2.4, or its C kernel on a CPU) on the ids' device.
+
+Packed rows: ``hash``, ``hash_compressed`` and ``hash_step`` take ``doc_starts`` (B, T) bool,
+True where a document begins inside the row; the n-gram history resets there exactly as at a
+sequence start, so a packed row hashes as its documents would alone
+(:func:`engram.ops.hash.hash_ngrams`; :func:`engram.ops.hash.doc_starts_from_segments` turns
+segment ids into it).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from engram.config import EngramConfig
 from engram.core.tokenizer import CompressedTokenizer
 from engram.core.validation import check_ids
 from engram.ops import cpu
-from engram.ops.hash import barrett_magic, hash_ngrams
+from engram.ops.hash import barrett_magic, hash_ngrams, tokens_since_doc_start
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -214,12 +220,14 @@ class NgramHashMapping(nn.Module):
         return {lid: rows[i] for i, lid in enumerate(self.layer_ids)}  # {layer: (B, T, H)}
 
     def hash_compressed(self, x: torch.Tensor, history: torch.Tensor | None = None,
-                        method: str = "auto") -> dict[int, torch.Tensor]:
+                        method: str = "auto", doc_starts: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Hash already compressed ids ``x`` (B, T); ``history`` (B, N-1) precedes them.
 
         Returns ``{layer_id: (B, T, H)}``. ``method``: ``"plain"`` (the formula,
         :func:`engram.ops.hash.hash_ngrams_reference`), ``"kernel"`` (the C kernel; CPU ids) or
         ``"auto"`` (the kernel where it applies, else the formula); all give the same rows.
+        ``doc_starts`` (B, T) bool: document starts inside packed rows, where the history resets
+        to the pad id as at a sequence start (a start at position 0 discards ``history``).
         """
         backend = {"auto": "auto", "kernel": "kernel", "plain": "reference"}.get(method)
         if backend is None:
@@ -229,15 +237,31 @@ class NgramHashMapping(nn.Module):
             history = self.initial_history(B, x.device)
         full = torch.cat([history.to(x.device, torch.long), x.long()], dim=1)  # (B, N-1+T)
         mult, primes, magic = self._tables(full.device)
-        return self._split(hash_ngrams(full, mult, primes, magic, backend))
+        starts = self._check_starts(doc_starts, x)
+        return self._split(hash_ngrams(full, mult, primes, magic, backend, starts, self.pad_id))
+
+    @staticmethod
+    def _check_starts(doc_starts: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """``doc_starts`` as a bool ``(B, T)`` tensor on ``x``'s device (``ValueError`` if the shape differs)."""
+        if doc_starts is None:
+            return None
+        if not isinstance(doc_starts, torch.Tensor):
+            doc_starts = torch.as_tensor(np.asarray(doc_starts))
+        if tuple(doc_starts.shape) != tuple(x.shape[:2]) or doc_starts.ndim != 2:
+            raise ValueError(f"doc_starts must have the ids' shape (B, T) = {tuple(x.shape[:2])}, "
+                             f"got {tuple(doc_starts.shape)}")
+        if doc_starts.dtype.is_floating_point or doc_starts.dtype.is_complex:
+            raise ValueError(f"doc_starts must be bool (True where a document starts), got {doc_starts.dtype}")
+        return doc_starts.to(x.device, torch.bool)
 
     def hash(self, input_ids: torch.Tensor | np.ndarray, history: torch.Tensor | None = None,
-             method: str = "auto") -> dict[int, torch.Tensor]:
+             method: str = "auto", doc_starts: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Raw ids ``(B, T)`` -> ``{layer_id: LongTensor (B, T, H)}`` on the ids' device.
 
         ``history`` is the compressed ids ``(B, N-1)`` that precede ``input_ids`` (decoding);
         ``None`` means the sequence starts here (pad-filled history, as in the reference).
         ``method`` selects the backend (see :meth:`hash_compressed`); all are bit-identical.
+        ``doc_starts`` (B, T) bool: document starts in packed rows (see :meth:`hash_compressed`).
         """
         if isinstance(input_ids, np.ndarray):
             check_ids(input_ids, None, "input_ids")
@@ -247,12 +271,12 @@ class NgramHashMapping(nn.Module):
             check_ids(input_ids, None, "input_ids")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        return self.hash_compressed(self.compress(input_ids), history, method)
+        return self.hash_compressed(self.compress(input_ids), history, method, doc_starts)
 
     @torch.compiler.disable  # data-dependent gathers and the C kernel: compiled models run it eagerly
     def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
-                  token_mask: torch.Tensor | None = None,
-                  keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                  token_mask: torch.Tensor | None = None, keep_history: bool = False,
+                  doc_starts: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """What a model forward needs: compress, hash and advance the history in one call.
 
         Args:
@@ -263,6 +287,9 @@ class NgramHashMapping(nn.Module):
                 history a sequence starts with).
             keep_history: return the whole history plus the new ids ``(B, L+T)`` instead of the
                 last N-1 (a cache recording its past so it can be cropped back).
+            doc_starts: ``(B, T)`` bool, True where a document starts (packed training rows): the
+                n-gram history resets to the pad id there, exactly as at a sequence start, and
+                the next history holds pad before the last start. ``None``: no boundaries.
 
         Returns ``({layer_id: (B, T, H)}, next history)``. On the CPU the C kernel does all of
         it in one call (:func:`engram.ops.cpu.hash_step`); elsewhere, or without the kernels,
@@ -270,38 +297,51 @@ class NgramHashMapping(nn.Module):
         the hash ids.
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
+        starts = self._check_starts(doc_starts, input_ids)
+        if starts is not None and keep_history:
+            raise ValueError("doc_starts cannot be combined with keep_history (a cropped-back history would "
+                             "lose the boundaries); hash packed training rows without keep_history")
         out = None
         if input_ids.device.type == "cpu" and not keep_history:
             mult, primes, magic = self._cpu
             fused = cpu.hash_step(input_ids, self.compressed.table_on("cpu"), history, token_mask, self.pad_id,
-                                  mult, primes, magic)
+                                  mult, primes, magic, starts)
             if fused is not None:
                 out = self._split(fused[0]), fused[1]
         if out is None:  # no kernel here (or an id it leaves to the tensor path, which raises)
-            out = self._step_tensor(input_ids, history, token_mask, keep_history)
+            out = self._step_tensor(input_ids, history, token_mask, keep_history, starts)
         for listener in self.step_listeners:
             listener(out[0])
         return out
 
     def _step_tensor(self, input_ids: torch.Tensor, history: torch.Tensor | None, token_mask: torch.Tensor | None,
-                     keep_history: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+                     keep_history: bool = False,
+                     doc_starts: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """:meth:`hash_step` as tensor ops (any device, any length)."""
         comp = self.compress(input_ids)  # (B, T)
         if token_mask is not None:
             comp = torch.where(token_mask.to(comp.device), comp, self.pad_id)
         h = self.history_len
         recent = history if history is None or history.shape[1] == h else history[:, history.shape[1] - h :]
-        hashed = self.hash_compressed(comp, recent)
+        hashed = self.hash_compressed(comp, recent, doc_starts=doc_starts)
         if keep_history:
             start = history if history is not None else self.initial_history(comp.shape[0], comp.device)
             return hashed, torch.cat([start.to(comp.device), comp], dim=1)  # (B, L+T)
-        return hashed, self.next_history(recent, comp)
+        return hashed, self.next_history(recent, comp, doc_starts)
 
-    def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor) -> torch.Tensor:
-        """History after appending compressed ids ``(B, T)``: the last N-1 ids."""
+    def next_history(self, history: torch.Tensor | None, compressed: torch.Tensor,
+                     doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """History after appending compressed ids ``(B, T)``: the last N-1 ids (pad before the
+        last document start of ``doc_starts`` (B, T), as a sequence starting there would have)."""
         if history is None:
             history = self.initial_history(compressed.shape[0], compressed.device)
-        return torch.cat([history, compressed], dim=1)[:, -self.history_len :]
+        h = self.history_len
+        nxt = torch.cat([history.to(compressed.device), compressed], dim=1)[:, -h:]  # (B, N-1)
+        if doc_starts is not None and compressed.shape[1] > 0 and h > 0:
+            since = tokens_since_doc_start(doc_starts.to(compressed.device), h + 1)[:, -1:]  # (B, 1), last position
+            keep = torch.arange(h, device=compressed.device) >= h - 1 - since  # (B, N-1)
+            nxt = torch.where(keep, nxt, self.pad_id)
+        return nxt
 
     def check_same_as_saved(self, saved: dict[str, Any], where: str = "the model") -> None:
         """``ValueError`` unless the multipliers and table sizes equal a saved

@@ -261,7 +261,8 @@ class EngramGPT(nn.Module):
 
     @torch.compiler.disable  # reads values back and calls the C hash kernel: runs eagerly, outside a compiled graph
     def _prepare(self, input_ids: torch.Tensor, cache: GPTCache | None, attention_mask: torch.Tensor | None,
-                 hash_ids: dict[int, torch.Tensor] | None) -> tuple[Any, Any, Any]:
+                 hash_ids: dict[int, torch.Tensor] | None,
+                 doc_starts: torch.Tensor | None = None) -> tuple[Any, Any, Any]:
         """Check the ids, build the padding masks, hash; advance the cache's mask and n-gram history.
 
         Returns ``(pad_mask (B, S) | None, new_mask (B, T) | None, hash_ids | None)``. One
@@ -289,7 +290,9 @@ class EngramGPT(nn.Module):
         new_mask = None if pad_mask is None else pad_mask[:, start:]  # (B, T)
         if self.hashing is not None and hash_ids is None:
             # padding (new_mask False) reads as the pad history a sequence starts with
-            hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, new_mask)
+            # a document start (packed rows) resets the n-gram history exactly as a sequence start
+            hash_ids, history = self.hashing.hash_step(input_ids, cache.history if cache is not None else None, new_mask,
+                                                       doc_starts=doc_starts)
             if cache is not None:
                 cache.history = history  # (B, N-1)
         return pad_mask, new_mask, hash_ids
@@ -313,15 +316,20 @@ class EngramGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                hash_ids: dict[int, torch.Tensor] | None = None,
+                doc_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, T, V)`` and mean cross-entropy (if ``targets``; -100 is ignored).
 
         ``cache`` (from :meth:`new_cache`) makes this an incremental step: ``input_ids`` are the
         new tokens after everything the cache has seen. ``attention_mask`` (B, S) marks real
         tokens (left padding for batched prompts). ``hash_ids`` may be precomputed.
+        ``doc_starts`` (B, T) bool marks document starts in packed training rows
+        (``MemmapBatcher.batch_with_boundaries``): the Engram n-gram history resets there, so no
+        n-gram spans two documents (attention and the short conv still see the whole row);
+        ``None`` (default) changes nothing. Ignored when ``hash_ids`` are given.
         ``model.compile(dynamic=True)`` compiles everything after the id checks and the hash.
         """
-        pad_mask, new_mask, hash_ids = self._prepare(input_ids, cache, attention_mask, hash_ids)
+        pad_mask, new_mask, hash_ids = self._prepare(input_ids, cache, attention_mask, hash_ids, doc_starts)
         input_ids = input_ids.long()  # any integer dtype (uint8, int32, ...) in, int64 indices
         if targets is not None and input_ids.shape[1] == 0:
             raise ValueError("forward with targets needs at least one token (T=0 has no loss)")

@@ -57,8 +57,8 @@ _on = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in ("0", "fa
 
 _P, _I, _RC = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # name: (argument types, return type)
-    "engram_hash_step": ([_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P], _RC),
-    "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P], None),
+    "engram_hash_step": ([_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P], _RC),
+    "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I], None),
     "engram_mod": ([_I, _P, _P, _P], None),
 }
 
@@ -187,11 +187,21 @@ def _cpu_long(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", torch.long).contiguous()
 
 
+def _starts(doc_starts: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """``doc_starts`` as a contiguous CPU bool ``(B, T)`` (one byte per token, as the kernel reads it)."""
+    if doc_starts is None:
+        return None
+    if tuple(doc_starts.shape) != (B, T):
+        raise ValueError(f"doc_starts must have shape ({B}, {T}), got {tuple(doc_starts.shape)}")
+    return doc_starts.to("cpu", torch.bool).contiguous()
+
+
 def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
-                magic: torch.Tensor) -> torch.Tensor:
+                magic: torch.Tensor, doc_starts: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
     """:func:`engram.ops.hash.hash_ngrams_reference` in C: ``full`` (B, N-1+T) CPU ids ->
     ``(L, B, T, H)``. From :data:`PARALLEL_MIN_TOKENS` tokens the time axis is split over the
-    thread pool (the calls release the GIL and write disjoint slices)."""
+    thread pool (the calls release the GIL and write disjoint slices). ``doc_starts`` (B, T) bool:
+    the history resets to ``pad_id`` at each document start, as the formula does."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU hash kernels are not available here")
@@ -199,8 +209,10 @@ def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Ten
     (L, N), H = mult.shape, primes.shape[1]
     full = _cpu_long(full)
     B, T = full.shape[0], full.shape[1] - (N - 1)
+    starts = _starts(doc_starts, B, T)  # (B, T) bool or None
     out = torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
-    args = (full.data_ptr(), L, N, H // (N - 1), mult.data_ptr(), primes.data_ptr(), magic.data_ptr(), out.data_ptr())
+    args = (full.data_ptr(), L, N, H // (N - 1), mult.data_ptr(), primes.data_ptr(), magic.data_ptr(), out.data_ptr(),
+            _ptr(starts), int(pad_id))
     workers = torch.get_num_threads() if B * T >= PARALLEL_MIN_TOKENS else 1
     if workers < 2:
         lib.engram_hash(B, T, 0, T, *args)
@@ -223,12 +235,13 @@ def residues(mixes: torch.Tensor, primes: torch.Tensor) -> torch.Tensor:
 
 def hash_step(input_ids: torch.Tensor, lookup: torch.Tensor, history: torch.Tensor | None,
               token_mask: torch.Tensor | None, pad_id: int, multipliers: torch.Tensor, primes: torch.Tensor,
-              magic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+              magic: torch.Tensor, doc_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Compress raw CPU ids ``(B, T)`` through ``lookup`` (V,), put ``pad_id`` at padding
     (``token_mask`` False), hash after ``history`` (B, >= N-1; the last N-1 are read; ``None``:
-    pad-filled), in one call. Returns ``(rows (L, B, T, H), next history (B, N-1))``, or ``None``
-    when an id is >= V (the caller's torch path raises its usual error) or an argument is not a
-    CPU tensor of the kernel's dtype."""
+    pad-filled), in one call. ``doc_starts`` (B, T) bool marks document starts, where the history
+    resets to ``pad_id`` (also in the next history). Returns ``(rows (L, B, T, H), next history
+    (B, N-1))``, or ``None`` when an id is >= V (the caller's torch path raises its usual error)
+    or an argument is not a CPU tensor of the kernel's dtype."""
     lib = library()
     if lib is None or input_ids.dtype != torch.long or input_ids.device.type != "cpu":
         return None
@@ -239,6 +252,10 @@ def hash_step(input_ids: torch.Tensor, lookup: torch.Tensor, history: torch.Tens
         return None
     if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.device.type != "cpu"):
         return None
+    if doc_starts is not None and (doc_starts.dtype != torch.bool or doc_starts.device.type != "cpu"
+                                   or tuple(doc_starts.shape) != (B, T)):
+        return None
+    starts = None if doc_starts is None else doc_starts.contiguous()
     ids, hist = input_ids.contiguous(), None if history is None else history.contiguous()
     mask = None if token_mask is None else token_mask.contiguous()
     out = torch.empty(L, B, T, H, dtype=torch.long)  # (L, B, T, H)
@@ -246,7 +263,7 @@ def hash_step(input_ids: torch.Tensor, lookup: torch.Tensor, history: torch.Tens
     rc = lib.engram_hash_step(
         B, T, ids.data_ptr(), lookup.data_ptr(), lookup.shape[0], _ptr(hist), 0 if hist is None else hist.shape[1],
         _ptr(mask), pad_id, L, N, H // (N - 1), multipliers.data_ptr(), primes.data_ptr(), magic.data_ptr(),
-        out.data_ptr(), nxt.data_ptr(),
+        out.data_ptr(), nxt.data_ptr(), _ptr(starts),
     )
     if rc == 2:
         raise MemoryError("engram: the CPU hash kernel could not allocate its scratch buffer")

@@ -17,11 +17,19 @@ to it, so a second run starts at once.
 
 Batches (:class:`TokenBatcher`) are a pure function of ``(seed, step)``, so every variant in a
 study sees the same token stream and ``--resume`` needs nothing but the step counter.
+
+Prepared corpora (``engram prepare``, :mod:`engram.training.prepared`) are read by
+:class:`MemmapBatcher`: the same windows as :class:`TokenBatcher` over a memory-mapped token file,
+plus the document starts inside each window (:meth:`MemmapBatcher.batch_with_boundaries`), so
+that packed rows can reset the n-gram history at each document (``EngramGPT(..., doc_starts=)``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import mmap
 import os
 import sysconfig
 import warnings
@@ -295,6 +303,29 @@ def encode(tokenizer: Any, text: str, cache: bool = True) -> np.ndarray:
     return arr
 
 
+#: the parts of a tokenizer's backend JSON that decide the ids of ``encode(text, add_special_tokens=False)``
+_ENCODING_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of what makes a (fast, Rust-backed) tokenizer's ids: its backend JSON's added tokens,
+    normaliser, pre-tokeniser and model, canonically serialised, and its length. Padding,
+    truncation, post-processor and decoder settings do not change encoded ids and are left out,
+    so a tokenizer saved and loaded again keeps its fingerprint."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "to_str"):
+        backend = tokenizer  # a bare tokenizers.Tokenizer
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer; engram prepare "
+                         "and prepared data need one (AutoTokenizer.from_pretrained(..., use_fast=True))")
+    spec = json.loads(backend.to_str())
+    canon = {k: spec.get(k) for k in _ENCODING_KEYS}
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else backend.get_vocab_size(with_added_tokens=True)
+    h = hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    h.update(f"|{size}".encode())
+    return h.hexdigest()
+
+
 def array_sha256(arr: np.ndarray) -> str:
     """SHA-256 of an array's dtype, shape and bytes (the fingerprint of a token stream)."""
     h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
@@ -350,6 +381,224 @@ class TokenBatcher:
         idx = starts[:, None] + torch.arange(self.seq_len + 1)  # (B, T+1)
         window = self.tokens[idx]  # (B, T+1)
         return window[:, :-1], window[:, 1:]
+
+    def batch_with_boundaries(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(inputs, targets, None)``: a text corpus joined in memory has no document starts
+        (the same call as :meth:`MemmapBatcher.batch_with_boundaries`)."""
+        x, y = self.batch(step)
+        return x, y, None
+
+
+def window_starts(n_tokens: int, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    """The ``(B,)`` window starts of batch ``step``: :class:`TokenBatcher`'s draw, exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=g).numpy()
+
+
+def _mapped_file(arr: Any) -> tuple[str, int] | None:
+    """``(path, byte offset of element 0)`` of a 1-D ``np.memmap`` that maps a file itself (not a
+    view of one), where windows can be read with ``os.pread`` instead of through the mapping;
+    else ``None``."""
+    if (isinstance(arr, np.memmap) and isinstance(getattr(arr, "base", None), mmap.mmap) and arr.ndim == 1
+            and getattr(arr, "filename", None) and hasattr(os, "pread") and arr.flags.c_contiguous):
+        return str(arr.filename), int(arr.offset)
+    return None
+
+
+class DocIndex:
+    """Sorted document start offsets, searched window by window.
+
+    A whole-file ``np.memmap`` is searched with ``os.pread``: an in-memory sample of every
+    :attr:`BLOCK`-th offset, then one block read per lookup. Touching a mapping page by page
+    would not keep memory small: Linux maps whole large page-cache folios (up to 2 MB) per fault,
+    so random lookups leave most of the file resident. Any other array is searched in memory.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, offsets: np.ndarray):
+        self._fd = -1
+        self.n = len(offsets)
+        src = _mapped_file(offsets)
+        self._array = None if src is not None else np.asarray(offsets, dtype=np.int64)
+        if src is not None:
+            self._dtype = offsets.dtype
+            self._fd = os.open(src[0], os.O_RDONLY)
+            self._pos = src[1]
+            item = self._dtype.itemsize
+            self._sample = np.array([int(np.frombuffer(os.pread(self._fd, item, self._pos + i * self.BLOCK * item),
+                                                       dtype=self._dtype)[0])
+                                     for i in range(math.ceil(self.n / self.BLOCK))], dtype=np.int64)
+
+    def _block(self, i: int) -> np.ndarray:
+        item = self._dtype.itemsize
+        count = min(self.BLOCK, self.n - i * self.BLOCK)
+        raw = os.pread(self._fd, count * item, self._pos + i * self.BLOCK * item)
+        if len(raw) != count * item:
+            raise ValueError("the document offsets file is shorter than when it was opened (it changed)")
+        return np.frombuffer(raw, dtype=self._dtype).astype(np.int64)
+
+    def between(self, lo: int, hi: int) -> np.ndarray:
+        """The offsets ``o`` with ``lo <= o < hi``, ascending (int64)."""
+        if self._array is not None:
+            a, b = np.searchsorted(self._array, [lo, hi], side="left")
+            return self._array[a:b]
+        out = []
+        i = max(0, int(np.searchsorted(self._sample, lo, side="right")) - 1)
+        while i * self.BLOCK < self.n:
+            blk = self._block(i)
+            out.append(blk[(blk >= lo) & (blk < hi)])
+            if int(blk[-1]) >= hi:
+                break
+            i += 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def doc_start_mask(doc_offsets: np.ndarray | DocIndex | None, starts: np.ndarray, length: int) -> torch.Tensor | None:
+    """``(W, length)`` bool: True where a document (offsets sorted, ascending) starts inside each
+    window ``[start, start+length)``; ``None`` without offsets."""
+    if doc_offsets is None:
+        return None
+    index = doc_offsets if isinstance(doc_offsets, DocIndex) else DocIndex(doc_offsets)
+    out = np.zeros((len(starts), length), dtype=bool)
+    for r, s in enumerate(starts.tolist()):
+        found = index.between(int(s), int(s) + length)
+        out[r, found - int(s)] = True
+    return torch.from_numpy(out)
+
+
+def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, vocab_size: int | None = None,
+                 fd: int | None = None) -> torch.Tensor:
+    """``(W, length)`` int64 windows ``tokens[s : s+length]``; with ``vocab_size``, ids >= it are a
+    ``ValueError`` naming the offset. A whole-file ``np.memmap`` is read with ``os.pread`` (on
+    ``fd`` if given), never through the mapping (see :class:`DocIndex`: page faults would leave
+    large folios of the file resident)."""
+    src = _mapped_file(tokens)
+    if src is not None:
+        item, own = tokens.dtype.itemsize, fd is None
+        fd = os.open(src[0], os.O_RDONLY) if own else fd
+        try:
+            raw = [os.pread(fd, length * item, src[1] + s * item) for s in starts.tolist()]
+        finally:
+            if own:
+                os.close(fd)
+        if any(len(r) != length * item for r in raw):
+            raise ValueError(f"the token file {src[0]!r} is shorter than when it was opened (it was truncated "
+                             "or replaced); run engram prepare again")
+        window = np.stack([np.frombuffer(r, dtype=tokens.dtype) for r in raw]).astype(np.int64)
+    else:
+        window = np.stack([np.asarray(tokens[s : s + length]) for s in starts.tolist()]).astype(np.int64)
+    if vocab_size is not None and window.size and int(window.max()) >= vocab_size:
+        r, c = np.argwhere(window >= vocab_size)[0]
+        raise ValueError(f"the token file holds id {int(window[r, c])} >= the vocabulary size {vocab_size} at token "
+                         f"{int(starts[r]) + int(c)}; it changed after it was verified - run engram prepare again")
+    return torch.from_numpy(window)
+
+
+class Batch(tuple):
+    """``(inputs, targets)`` (so ``x, y = batch`` works) that also carries ``doc_starts``: ``(B, T)``
+    bool document starts of the inputs, or ``None``; pass it to ``EngramGPT(x, y, doc_starts=...)``."""
+
+    doc_starts: torch.Tensor | None
+
+    def __new__(cls, inputs: torch.Tensor, targets: torch.Tensor, doc_starts: torch.Tensor | None = None) -> "Batch":
+        self = super().__new__(cls, (inputs, targets))
+        self.doc_starts = doc_starts
+        return self
+
+
+class MemmapBatcher:
+    """:class:`TokenBatcher` over a token array that stays on disk (a memory-mapped prepared corpus).
+
+    Batch ``step`` is the same pure function of ``(seed, step)`` and draws the same windows as
+    :class:`TokenBatcher` over the same tokens; only the ``B`` windows of a batch are read (with
+    ``os.pread`` from a memory-mapped file, see :func:`read_windows`), so a corpus far larger than
+    memory trains with a small resident set.
+
+    Args:
+        tokens: 1-D unsigned ids (``np.memmap`` of uint16 / uint32, or any 1-D integer array).
+        batch_size: B.
+        seq_len: T (inputs; targets are the next T tokens).
+        seed: stream seed.
+        doc_offsets: sorted token offsets where documents start (from ``engram prepare``), or ``None``.
+        vocab_size: if given, every batch is checked to hold ids below it (``ValueError`` naming the
+            offset: a file changed after it was verified).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
+                 doc_offsets: np.ndarray | None = None, vocab_size: int | None = None):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+        if len(tokens) < seq_len + 2:
+            raise ValueError(
+                f"the training data has {len(tokens)} tokens, too short for a context of {seq_len} "
+                f"(needs at least {seq_len + 2}); prepare more text or give a smaller --seq-len"
+            )
+        self.tokens, self.doc_offsets, self.vocab_size = tokens, doc_offsets, vocab_size
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        src = _mapped_file(tokens)
+        self._fd = os.open(src[0], os.O_RDONLY) if src is not None else None  # (the file the map holds)
+        self._docs = DocIndex(doc_offsets) if doc_offsets is not None else None
+
+    def close(self) -> None:
+        """Close the token file (the batcher is unusable after)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        if getattr(self, "_docs", None) is not None:
+            self._docs.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, each ``(B, T)`` int64, for training step ``step``."""
+        starts = window_starts(len(self.tokens), self.batch_size, self.seq_len, self.seed, step)
+        window = read_windows(self.tokens, starts, self.seq_len + 1, self.vocab_size, self._fd)  # (B, T+1)
+        return window[:, :-1], window[:, 1:]
+
+    def batch_with_boundaries(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(inputs, targets, doc_starts)`` for step ``step``: the batch of :meth:`batch` and its
+        ``(B, T)`` bool document starts (True where a document begins at that input position;
+        ``None`` without document offsets). Give it to ``model(x, y, doc_starts=doc_starts)``."""
+        starts = window_starts(len(self.tokens), self.batch_size, self.seq_len, self.seed, step)
+        window = read_windows(self.tokens, starts, self.seq_len + 1, self.vocab_size, self._fd)  # (B, T+1)
+        return window[:, :-1], window[:, 1:], doc_start_mask(self._docs, starts, self.seq_len)
+
+
+def memmap_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int,
+                        doc_offsets: np.ndarray | None = None, vocab_size: int | None = None) -> list[Batch]:
+    """:func:`eval_batches`' windows (the same ones) read from a mapped token file window by
+    window (never the whole array in memory), each batch a :class:`Batch` carrying its
+    document starts (``None`` without ``doc_offsets``)."""
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(
+            f"the held-out data has {len(tokens)} tokens, too short for a context of {seq_len}; "
+            "prepare more held-out text or give a smaller --seq-len"
+        )
+    want = max(1, min(n_windows, max_tokens // seq_len))
+    starts = np.linspace(0, n_windows - 1, want).round().astype(np.int64) * seq_len  # (W,)
+    windows = read_windows(tokens, starts, seq_len + 1, vocab_size)  # (W, T+1)
+    marks = doc_start_mask(doc_offsets, starts, seq_len)  # (W, T) or None
+    return [Batch(w[:, :-1], w[:, 1:], None if marks is None else marks[i : i + batch_size])
+            for i, w in zip(range(0, len(starts), batch_size), windows.split(batch_size))]
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -246,8 +246,10 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         self.set_lr()
-        x, y = self.batcher.batch(self.step)  # (B, T), (B, T)
-        _, loss = self.model(x, y)
+        # (B, T) inputs and targets; doc_starts (B, T) bool where a prepared corpus knows its
+        # document boundaries (the n-gram history restarts there), else None.
+        x, y, doc_starts = self.batcher.batch_with_boundaries(self.step)
+        _, loss = self.model(x, y) if doc_starts is None else self.model(x, y, doc_starts=doc_starts)
         loss.backward()
         clip_gradients(self.params, self.config.grad_clip)
         for opt in self.optimizers:
@@ -273,8 +275,10 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         total, count = 0.0, 0
-        for x, y in self.eval_data:
-            _, loss = self.model(x, y)
+        for batch in self.eval_data:
+            x, y = batch
+            doc_starts = getattr(batch, "doc_starts", None)
+            _, loss = self.model(x, y) if doc_starts is None else self.model(x, y, doc_starts=doc_starts)
             total += float(loss) * y.numel()
             count += y.numel()
         val = total / count

@@ -266,3 +266,73 @@ def test_inspect_gates_usage_and_engram_off_loss(trained, tmp_path):
         _, ref = plain(ids[:, :-1], ids[:, 1:])
     assert off == pytest.approx(float(ref), rel=1e-6) and on != off
     assert main(["inspect", "--checkpoint", str(trained), "--text", text, "--out", str(tmp_path / "g2.png")]) == 0
+
+
+# ---------------------------------------------------------------------- GPU-ready loop (on CPU)
+def _trained_weights(tok, ids, **cfg):
+    t = Trainer(tiny_model(tok), data.TokenBatcher(ids, 8, 32, seed=1),
+                TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_size=8, seq_len=32, **cfg))
+    for _ in range(3):
+        t.train_step()
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}, t
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_grad_accum_equals_the_whole_batch(sparse):
+    text = make_text()
+    tok = data.train_bpe_tokenizer(text, 300)
+    ids = data.encode(tok, text)
+    import engram.training.loop as loop_mod
+
+    whole, _ = _trained_weights(tok, ids)
+    for n in (2, 4):
+        parts, t = _trained_weights(tok, ids, grad_accum=n)
+        assert t.tokens == 3 * 8 * 32  # same tokens per step
+        # Float rounding of the summed micro-batch gradients, through Adam's normalisation: a few
+        # 1e-6 on weights whose every step moves them by up to lr = 3e-3.
+        for k in whole:
+            torch.testing.assert_close(parts[k], whole[k], rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="divide batch_size"):
+        TrainConfig(batch_size=8, grad_accum=3)
+    assert loop_mod.AUTOCAST["fp32"] is None
+
+
+def test_bf16_autocast_trains_on_cpu_near_fp32():
+    text = make_text()
+    tok = data.train_bpe_tokenizer(text, 300)
+    ids = data.encode(tok, text)
+    w32, t32 = _trained_weights(tok, ids)
+    w16, t16 = _trained_weights(tok, ids, dtype="bf16")
+    assert all(v.dtype == w32[k].dtype for k, v in w16.items())  # weights stay fp32
+    assert all(math.isfinite(x) for x in t16.losses)
+    assert abs(t16.losses[0] - t32.losses[0]) < 0.05, (t16.losses, t32.losses)  # bf16 rounding, not another model
+    assert any(not torch.equal(w16[k], w32[k]) for k in w32)  # autocast really ran in bf16
+
+
+def test_devices_that_do_not_exist_are_clear_errors(tmp_path, text_file, capsys):
+    from engram.training.loop import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            check_device("cuda")
+    with pytest.raises(ValueError, match="only cpu, cuda and mps"):
+        check_device("meta")
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        check_device("warp-drive")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        check_device("cpu", "fp16")
+    assert main(["train", "--data", str(text_file), "--device", "cuda:7", "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "cuda:7" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager():
+    text = make_text()
+    tok = data.train_bpe_tokenizer(text, 300)
+    ids = data.encode(tok, text)
+    eager, te = _trained_weights(tok, ids)
+    compiled, tc = _trained_weights(tok, ids, compile=True)
+    assert tc.losses == pytest.approx(te.losses, rel=1e-4, abs=1e-5)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -94,6 +94,13 @@ def add_optim_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=int_at_least(1), default=DEFAULTS["eval_tokens"], help="held-out tokens per evaluation (default %(default)s)")
     g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights and token stream (default %(default)s)")
     g.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the dense math; weights, tables and optimizer state stay fp32 "
+                        "(default %(default)s; fp16 only on a GPU)")
+    g.add_argument("--grad-accum", type=int_at_least(1), default=1,
+                   help="split each batch into N micro-batches (same update, less memory; default %(default)s)")
+    g.add_argument("--compile", action="store_true", help="run the model's forward through torch.compile")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -133,7 +140,8 @@ def train_config_from_args(args: argparse.Namespace, default_steps: int | None =
                        table_lr_mult=args.table_lr_mult, grad_clip=args.grad_clip, batch_size=args.batch_size,
                        seq_len=args.seq_len, seed=args.seed, max_steps=steps, time_budget=args.time_budget,
                        eval_points=args.eval_points, eval_tokens=args.eval_tokens,
-                       checkpoint_every=getattr(args, "checkpoint_every", 0) or 0)
+                       checkpoint_every=getattr(args, "checkpoint_every", 0) or 0,
+                       grad_accum=args.grad_accum, dtype=args.dtype, compile=args.compile)
 
 
 def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: int, tokenizer: Any = None):
@@ -160,6 +168,13 @@ def prepare_data(args: argparse.Namespace, batch_size: int, seq_len: int, seed: 
             "eval_tokens_used": int(sum(y.numel() for _, y in evals)), "tokenizer_vocab": len(tokenizer),
             "train_sha256": array_sha256(train_ids), "eval_sha256": array_sha256(eval_ids)}
     return tokenizer, batcher, evals, info
+
+
+def device_from_args(args: argparse.Namespace) -> Any:
+    """The checked ``torch.device`` of ``--device`` (default: cuda if available, else cpu)."""
+    from engram.training.loop import check_device, default_device  # noqa: PLC0415
+
+    return check_device(args.device or default_device(), args.dtype)
 
 
 def resolve_table_size(args: argparse.Namespace, info: dict[str, Any]) -> None:

@@ -39,8 +39,8 @@ import torch
 
 from engram.config import EngramConfig
 from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
-                              fail, gpt_config_from_args, int_at_least, pad_id_of, prepare_data,
-                              resolve_table_size, train_config_from_args)
+                              device_from_args, fail, gpt_config_from_args, int_at_least, pad_id_of,
+                              prepare_data, resolve_table_size, train_config_from_args)
 
 #: variant name -> how it changes the ``engram`` config (``None``: no Engram at all).
 VARIANTS: dict[str, Callable[[EngramConfig], EngramConfig | None]] = {
@@ -389,12 +389,12 @@ class _Progress:
 
 
 def time_steps(models: dict[str, Any], batcher: Any, tcfg: Any, rounds: int, progress: _Progress | None = None,
-               warmup: int = TIMING_WARMUP) -> dict[str, dict[str, float]]:
+               warmup: int = TIMING_WARMUP, device: Any = None) -> dict[str, dict[str, float]]:
     """Seconds per training step of each model: ``warmup`` untimed steps each, then ``rounds``
     rounds of one timed step per model (order alternating), all on the same batches."""
     from engram.training.loop import Trainer  # noqa: PLC0415
 
-    trainers = [Trainer(m, batcher, tcfg, name=n) for n, m in models.items()]
+    trainers = [Trainer(m, batcher, tcfg, name=n, device=device) for n, m in models.items()]
     for t in trainers:
         for _ in range(warmup):
             t.train_step()
@@ -426,6 +426,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps is None and args.time_budget is None:
         args.steps = DEFAULT_STEPS
     tcfg0 = train_config_from_args(args)
+    device = device_from_args(args)
     for v in variants:  # every config is validated before the data work and before writing anything
         variant_config(v, args, args.vocab_size, 0)
     out = Path(args.out)
@@ -458,7 +459,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             for v in variants:
                 before = rss_mb()
                 cfg = variant_config(v, args, len(tokenizer), pad_id_of(tokenizer))
-                trainers.append(Trainer(build_model(cfg, tokenizer, seed), batcher, tcfg, evals, name=v))
+                trainers.append(Trainer(build_model(cfg, tokenizer, seed), batcher, tcfg, evals, name=v, device=device))
                 rss_delta[v] = rss_mb() - before
                 if seed == seeds[0]:
                     timing_models[v] = (cfg, tokenizer, batcher)
@@ -505,7 +506,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 models = {v: build_model(cfg, tok, seeds[0]) for v, (cfg, tok, _) in timing_models.items()}
                 batcher0 = next(iter(timing_models.values()))[2]
-                timing = time_steps(models, batcher0, tcfg0, args.timing_rounds, progress)
+                timing = time_steps(models, batcher0, tcfg0, args.timing_rounds, progress, device=device)
             except KeyboardInterrupt:
                 interrupted = True
             finally:
@@ -523,7 +524,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "seed": seeds[0],
         "budget": {"steps": tcfg0.max_steps if not tcfg0.time_budget else None, "time_budget": tcfg0.time_budget},
         "data": info,
-        "machine": {**machine, "load_after": list(_load())},
+        "machine": {**machine, "load_after": list(_load()), "device": str(device), "dtype": tcfg0.dtype},
         "runs": runs,
         "timing": timing,
         "peak_rss_mb": peak_rss_mb(),

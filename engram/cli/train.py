@@ -19,21 +19,21 @@ from typing import Any
 import torch
 
 from engram.cli.flags import (add_data_arguments, add_model_arguments, add_optim_arguments, engram_config_from_args,
-                              fail, gpt_config_from_args, int_at_least, pad_id_of, prepare_data,
-                              resolve_table_size, train_config_from_args)
+                              device_from_args, fail, gpt_config_from_args, int_at_least, pad_id_of,
+                              prepare_data, resolve_table_size, train_config_from_args)
 
 #: Flags that fix the model or its tokenizer: a resume can never change them.
 MODEL_FLAGS = ("layers", "dim", "heads", "seq_len", "engram_layers", "table_size", "ngram", "engram_heads",
                "engram_dim", "engram_init", "sparse_tables", "no_engram", "tokenizer", "vocab_size")
 #: Flags a resume may change only with --allow-changes (they change the result).
 CHANGEABLE_FLAGS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
-                    "eval_points", "eval_tokens", "encoding")
+                    "eval_points", "eval_tokens", "encoding", "dtype")
 #: Where the text comes from: may name other files (a moved corpus) as long as the tokens are the
 #: same; the token check (SHA-256 of the token streams) decides.
 SOURCE_FLAGS = ("data", "eval_data", "dataset")
 #: Fields of TrainConfig among the changeable flags.
 _TRAIN_FIELDS = ("lr", "table_lr_mult", "warmup_steps", "weight_decay", "grad_clip", "batch_size", "seed",
-                 "eval_points", "eval_tokens")
+                 "eval_points", "eval_tokens", "dtype")
 _DATA_FLAGS = ("data", "eval_data", "dataset", "tokenizer", "vocab_size", "eval_tokens", "encoding")
 
 
@@ -214,6 +214,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             tcfg_d["time_budget"] = args.time_budget
         if args.checkpoint_every:
             tcfg_d["checkpoint_every"] = args.checkpoint_every
+        tcfg_d["grad_accum"], tcfg_d["compile"] = args.grad_accum, args.compile  # how, not what, is computed
         tcfg_d.update({k: v for k, v in changes.items() if k in _TRAIN_FIELDS})
         tcfg = TrainConfig(**tcfg_d)
         done_steps = int(ck.training_state["step"])
@@ -243,6 +244,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             raise ValueError(f"{str(out)!r} already holds a checkpoint; use --resume {out} to continue "
                              "or --overwrite to start again")
         tcfg = train_config_from_args(args, default_steps=300)
+        device_from_args(args)  # a device that does not exist: an error before the data work
         # Validate the model flags before the (slower) data work.
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=0)
         gpt_config_from_args(args, args.vocab_size, engram)
@@ -257,7 +259,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
 
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     name = "baseline" if model.config.engram is None else "engram"
-    trainer = Trainer(model, batcher, tcfg, evals, name=name)
+    trainer = Trainer(model, batcher, tcfg, evals, name=name, device=device_from_args(args))
     if args.resume:
         trainer.load_state_dict(ck.training_state)
     run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS + SOURCE_FLAGS}

@@ -55,6 +55,11 @@ class TrainConfig:
         eval_points: held-out evaluations spread over the budget (plus one at step 0).
         eval_tokens: held-out tokens per evaluation.
         checkpoint_every: save every N steps (0 = only at the end).
+        grad_accum: split each batch into this many micro-batches, accumulating gradients (the
+            same update as the whole batch, to float rounding; less activation memory).
+        dtype: ``"bf16"`` / ``"fp16"``: autocast for the dense math (parameters, tables and
+            optimizer state stay fp32); ``"fp32"``: none.
+        compile: run the model's forward through ``torch.compile``.
     """
 
     lr: float = 3e-3
@@ -72,8 +77,16 @@ class TrainConfig:
     eval_points: int = 8
     eval_tokens: int = 16384
     checkpoint_every: int = 0
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must be >= 1 and divide batch_size={self.batch_size} "
+                             "(the batch is split into grad_accum micro-batches)")
+        if self.dtype not in AUTOCAST:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(AUTOCAST)}")
         if self.max_steps is None and self.time_budget is None:
             raise ValueError("give a step budget (max_steps) or a time budget (time_budget)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -100,6 +113,39 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: --dtype -> the autocast dtype (None: no autocast).
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(device: str | torch.device, dtype: str = "fp32") -> torch.device:
+    """``torch.device(device)`` if it exists here and supports ``dtype``, else a ``ValueError`` that says so."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(dev)} does not support bfloat16; use fp16 or fp32")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {device!r}: MPS is not available here")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: only cpu, cuda and mps are supported")
+    if dtype == "fp16" and dev.type == "cpu":
+        raise ValueError("--dtype fp16 needs a GPU (on CPU it is slow and needs loss scaling); use --dtype bf16")
+    return dev
+
+
+def default_device() -> str:
+    """``"cuda"`` if a CUDA device is available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -196,9 +242,14 @@ class Trainer:
     """
 
     def __init__(self, model: EngramGPT, batcher: TokenBatcher, config: TrainConfig,
-                 eval_data: list[tuple[torch.Tensor, torch.Tensor]] | None = None, name: str = "model"):
+                 eval_data: list[tuple[torch.Tensor, torch.Tensor]] | None = None, name: str = "model",
+                 device: str | torch.device | None = None):
         self.model, self.batcher, self.config, self.name = model, batcher, config, name
+        self.device = check_device(device if device is not None else next(model.parameters()).device, config.dtype)
+        self.model.to(self.device)
         self.eval_data = eval_data or []
+        self.forward = torch.compile(model) if config.compile else model
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.dtype == "fp16" else None
         self.optimizers = build_optimizer(model, config.lr, weight_decay=config.weight_decay,
                                           table_lr_mult=config.table_lr_mult)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -241,6 +292,19 @@ class Trainer:
                 g["lr"] = g["base_lr"] * f
         return f
 
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.device == self.device:
+            return t
+        if self.device.type == "cuda":
+            t = t.pin_memory()  # page-locked: the copy below overlaps with the GPU's work
+        return t.to(self.device, non_blocking=True)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, doc_starts: torch.Tensor | None) -> torch.Tensor:
+        dtype = AUTOCAST[self.config.dtype]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = self.forward(x, y) if doc_starts is None else self.forward(x, y, doc_starts=doc_starts)
+        return loss
+
     def train_step(self) -> float:
         """One optimisation step on batch ``self.step``; returns the training loss."""
         t0 = time.perf_counter()
@@ -249,14 +313,25 @@ class Trainer:
         # (B, T) inputs and targets; doc_starts (B, T) bool where a prepared corpus knows its
         # document boundaries (the n-gram history restarts there), else None.
         x, y, doc_starts = self.batcher.batch_with_boundaries(self.step)
-        _, loss = self.model(x, y) if doc_starts is None else self.model(x, y, doc_starts=doc_starts)
-        loss.backward()
+        x, y, doc_starts = self._to_device(x), self._to_device(y), self._to_device(doc_starts)
+        n = self.config.grad_accum
+        total = torch.zeros((), device=self.device)
+        for i in range(n):  # micro-batches of B / n rows: the mean over all B rows, accumulated
+            part = slice(i * x.shape[0] // n, (i + 1) * x.shape[0] // n)
+            loss = self._loss(x[part], y[part], None if doc_starts is None else doc_starts[part]) / n
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
         clip_gradients(self.params, self.config.grad_clip)
         for opt in self.optimizers:
-            opt.step()
+            self.scaler.step(opt) if self.scaler else opt.step()
+        if self.scaler:
+            self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        value = float(loss.detach())
+        value = float(total)
         dt = time.perf_counter() - t0
         self.elapsed += dt
         self.step_times.append(dt)
@@ -277,8 +352,8 @@ class Trainer:
         total, count = 0.0, 0
         for batch in self.eval_data:
             x, y = batch
-            doc_starts = getattr(batch, "doc_starts", None)
-            _, loss = self.model(x, y) if doc_starts is None else self.model(x, y, doc_starts=doc_starts)
+            doc_starts = self._to_device(getattr(batch, "doc_starts", None))
+            loss = self._loss(self._to_device(x), self._to_device(y), doc_starts)
             total += float(loss) * y.numel()
             count += y.numel()
         val = total / count

@@ -32,3 +32,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Every test caches tokenizers, token arrays and kernels under the session's temporary
+    directory, never in the user's ~/.cache."""
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small generated corpus on disk (tests/helpers.py ``make_text``)."""
+    from helpers import make_text
+
+    p = tmp_path_factory.mktemp("data") / "text.txt"
+    p.write_text(make_text())
+    return p

@@ -21,3 +21,18 @@ def tiny_gpt(sparse: bool) -> EngramGPT:
     torch.manual_seed(0)
     return EngramGPT(GPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, engram=eng),
                      tiny_tokenizer())
+
+
+#: Flags of a tiny `engram train` / `study` run (a second or two on 2 cores).
+TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
+        "--table-size", "101", "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256",
+        "--warmup-steps", "2", "--no-progress", "--threads", "1"]
+
+
+def make_text(n_lines: int = 600, seed: int = 0) -> str:
+    """A small generated corpus of four-word sentences."""
+    import random  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    words = ["the cat", "a dog", "my friend", "the king", "sees", "loves", "finds", "the moon", "an apple", "the river"]
+    return "\n".join(" ".join(rng.choice(words) for _ in range(4)) + "." for _ in range(n_lines)) + "\n"

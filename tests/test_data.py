@@ -19,11 +19,6 @@ def make_text(n_lines: int = 400, seed: int = 0) -> str:
     return "\n".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n_lines)) + "\n"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
-
-
 def test_split_holdout_keeps_all_text_and_cuts_at_a_line():
     text = make_text()
     head, tail = data.split_holdout(text)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -29,28 +28,8 @@ from engram.training import checkpoint as ckpt
 from engram.training import data
 from engram.training.loop import StopSignals, build_model
 
-TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--table-size", "101", "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256",
-        "--warmup-steps", "2", "--no-progress", "--threads", "1"]
+from helpers import TINY, make_text  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_text(n_lines: int = 600, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    words = ["the cat", "a dog", "my friend", "the king", "sees", "loves", "finds", "the moon", "an apple", "the river"]
-    return "\n".join(" ".join(rng.choice(words) for _ in range(4)) + "." for _ in range(n_lines)) + "\n"
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "text.txt"
-    p.write_text(make_text())
-    return p
 
 
 @pytest.fixture(scope="module")

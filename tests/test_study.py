@@ -22,11 +22,6 @@ TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--ba
         "--warmup-steps", "2", "--eval-points", "2", "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     rng = random.Random(0)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import random
 
 import pytest
 import torch
@@ -17,27 +16,7 @@ from engram.training import data
 from engram.cli import main
 from engram.training.loop import Trainer, TrainConfig, build_model, clip_gradients, lr_factor, run_training
 
-TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
-        "--table-size", "101", "--vocab-size", "300", "--engram-dim", "32", "--eval-tokens", "256",
-        "--warmup-steps", "2", "--no-progress", "--threads", "1"]
-
-
-def make_text(n_lines: int = 600, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    words = ["the cat", "a dog", "my friend", "the king", "sees", "loves", "finds", "the moon", "an apple", "the river"]
-    return "\n".join(" ".join(rng.choice(words) for _ in range(4)) + "." for _ in range(n_lines)) + "\n"
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "engram-cache"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "text.txt"
-    p.write_text(make_text())
-    return p
+from helpers import TINY, make_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -360,10 +360,16 @@ def run(args: argparse.Namespace) -> int:
             report = run_study(args)
     except (ValueError, TypeError, FloatingPointError) as e:
         return fail(str(e))
+    return print_outcome(report, f"{args.out}/report.json, summary.md, loss_vs_steps.png, loss_vs_seconds.png, "
+                                 "gap_vs_seconds.png")
+
+
+def print_outcome(report: dict[str, Any], wrote: str) -> int:
+    """Print the verdict, the warnings and what was written; the exit status (130 if interrupted)."""
     print("\n".join(verdict_lines(report)))
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"wrote {args.out}/report.json, summary.md, loss_vs_steps.png, loss_vs_seconds.png, gap_vs_seconds.png")
+    print(f"wrote {wrote}")
     return 130 if report.get("interrupted") else 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +92,7 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engram.cli.study import run_study, verdict_lines  # noqa: PLC0415
+    from engram.cli.study import print_outcome, run_study  # noqa: PLC0415
     from engram.training.checkpoint import RunLock  # noqa: PLC0415
     from engram.training.loop import write_json_atomic  # noqa: PLC0415
 
@@ -117,8 +116,4 @@ def run(args: argparse.Namespace) -> int:
             plot_sweep(rows, args.axis, out)
     except (ValueError, TypeError, FloatingPointError) as e:
         return fail(str(e))
-    print("\n".join(verdict_lines(report)))
-    for w in report["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    print(f"wrote {args.out}/sweep.md, sweep.json, sweep.png and the study's files")
-    return 130 if report.get("interrupted") else 0
+    return print_outcome(report, f"{args.out}/sweep.md, sweep.json, sweep.png and the study's files")

@@ -346,6 +346,17 @@ def _load_token_cache(path: Path) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------- batching
+def check_windows(tokens: np.ndarray, batch_size: int, seq_len: int, what: str, advice: str) -> None:
+    """``ValueError`` unless ``tokens`` is 1-D and long enough for windows of ``seq_len + 1``."""
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+    if len(tokens) < seq_len + 2:
+        raise ValueError(f"{what} has {len(tokens)} tokens, too short for a context of {seq_len} "
+                         f"(needs at least {seq_len + 2}); {advice} or give a smaller --seq-len")
+
+
 class TokenBatcher:
     """Random contiguous windows of a token array; batch ``step`` is a pure function of ``(seed, step)``.
 
@@ -358,15 +369,7 @@ class TokenBatcher:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
         tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
-        if len(tokens) < seq_len + 2:
-            raise ValueError(
-                f"the training text has {len(tokens)} tokens, too short for a context of {seq_len} "
-                f"(needs at least {seq_len + 2}); give more text or a smaller --seq-len"
-            )
+        check_windows(tokens, batch_size, seq_len, "the training text", "give more text")
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
 
@@ -535,17 +538,9 @@ class MemmapBatcher:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
                  doc_offsets: np.ndarray | None = None, vocab_size: int | None = None):
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
-        if len(tokens) < seq_len + 2:
-            raise ValueError(
-                f"the training data has {len(tokens)} tokens, too short for a context of {seq_len} "
-                f"(needs at least {seq_len + 2}); prepare more text or give a smaller --seq-len"
-            )
+        check_windows(tokens, batch_size, seq_len, "the training data", "prepare more text")
         self.tokens, self.doc_offsets, self.vocab_size = tokens, doc_offsets, vocab_size
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         src = _mapped_file(tokens)
@@ -587,18 +582,23 @@ def memmap_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_t
     """:func:`eval_batches`' windows (the same ones) read from a mapped token file window by
     window (never the whole array in memory), each batch a :class:`Batch` carrying its
     document starts (``None`` without ``doc_offsets``)."""
-    n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < 1:
-        raise ValueError(
-            f"the held-out data has {len(tokens)} tokens, too short for a context of {seq_len}; "
-            "prepare more held-out text or give a smaller --seq-len"
-        )
-    want = max(1, min(n_windows, max_tokens // seq_len))
-    starts = np.linspace(0, n_windows - 1, want).round().astype(np.int64) * seq_len  # (W,)
+    starts = eval_window_starts(len(tokens), seq_len, max_tokens, "the held-out data",
+                                "prepare more held-out text")  # (W,)
     windows = read_windows(tokens, starts, seq_len + 1, vocab_size)  # (W, T+1)
     marks = doc_start_mask(doc_offsets, starts, seq_len)  # (W, T) or None
     return [Batch(w[:, :-1], w[:, 1:], None if marks is None else marks[i : i + batch_size])
             for i, w in zip(range(0, len(starts), batch_size), windows.split(batch_size))]
+
+
+def eval_window_starts(n_tokens: int, seq_len: int, max_tokens: int, what: str, advice: str) -> np.ndarray:
+    """Start offsets of the non-overlapping held-out windows: about ``max_tokens`` targets, spread
+    evenly over the whole text so a small budget still samples all of it."""
+    n_windows = (n_tokens - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"{what} has {n_tokens} tokens, too short for a context of {seq_len}; "
+                         f"{advice} or a smaller --seq-len")
+    want = max(1, min(n_windows, max_tokens // seq_len))
+    return np.linspace(0, n_windows - 1, want).round().astype(np.int64) * seq_len  # (W,)
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -607,14 +607,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: 
     Windows are spread evenly over the whole eval text so a small budget still samples all of it.
     """
     tokens = np.asarray(tokens)
-    n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < 1:
-        raise ValueError(
-            f"the held-out text has {len(tokens)} tokens, too short for a context of {seq_len}; "
-            "give more eval text or a smaller --seq-len"
-        )
-    want = max(1, min(n_windows, max_tokens // seq_len))
-    picks = np.linspace(0, n_windows - 1, want).round().astype(np.int64)
+    picks = eval_window_starts(len(tokens), seq_len, max_tokens, "the held-out text", "give more eval text") // seq_len
     t = torch.from_numpy(tokens.astype(np.int64))
     idx = torch.from_numpy(picks)[:, None] * seq_len + torch.arange(seq_len + 1)  # (W, T+1)
     windows = t[idx]  # (W, T+1)

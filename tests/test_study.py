@@ -114,7 +114,10 @@ def test_study_writes_report_summary_and_plots(tmp_path, text_file, capsys):
         assert r["rss_delta_mb"] >= 0 and r["state_mb"] > 0
     by = {(r["name"], r["seed"]): r for r in report["runs"]}
     assert by["baseline", 0]["params_table"] == 0 and by["engram", 0]["params_table"] > 0
-    assert by["baseline", 0]["curve"][0]["val_loss"] == pytest.approx(by["engram", 0]["curve"][0]["val_loss"], abs=0.05)
+    # One dense initialisation per seed, and a zero-initialised value projection: at step 0 the
+    # Engram model is exactly the baseline.
+    for seed in (0, 1):
+        assert by["baseline", seed]["curve"][0]["val_loss"] == by["engram", seed]["curve"][0]["val_loss"]
     assert by["engram", 0]["curve"] != by["engram", 1]["curve"]  # another seed, another run
     assert {c["variant"] for c in report["verdict"]["comparisons"]} == {"engram", "nogate"}
     assert report["machine"]["torch_threads"] == 1 and len(report["machine"]["load_before"]) == 3

@@ -16,6 +16,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import signal
@@ -169,9 +170,23 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
 
 
 def build_model(config: GPTConfig, tokenizer: Any, seed: int) -> EngramGPT:
-    """``EngramGPT(config, tokenizer)`` with weights drawn from ``seed`` (same seed, same dense init)."""
+    """``EngramGPT(config, tokenizer)`` with weights drawn from ``seed``.
+
+    The dense weights are those of the same model without Engram built from ``seed`` (every
+    parameter both have, of the same shape), so the variants of a study start from one dense
+    initialisation: building the Engram branches draws from the generator too, and would
+    otherwise shift every draw after them. With a zero-initialised value projection the Engram
+    model then starts as exactly the baseline.
+    """
     torch.manual_seed(seed)
-    return EngramGPT(config, tokenizer)
+    model = EngramGPT(config, tokenizer)
+    if config.engram is not None:
+        torch.manual_seed(seed)
+        dense = EngramGPT(dataclasses.replace(config, engram=None), None).state_dict()
+        mine = model.state_dict()
+        shared = {k: v for k, v in dense.items() if k in mine and mine[k].shape == v.shape}
+        model.load_state_dict(shared, strict=False)
+    return model
 
 
 def rss_mb() -> float:

@@ -184,12 +184,20 @@ def test_sigterm_stops_between_steps_saves_and_resumes_bit_identically(tmp_path,
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    with StopSignals() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signum == signal.SIGINT  # the first only asks to stop
-        with pytest.raises(KeyboardInterrupt):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore SIGINT)
+    try:
+        with StopSignals() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+            assert stop.signum == signal.SIGINT  # the first only asks to stop
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        # A signal the process ignores (nohup, a background job) stays ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with StopSignals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ---------------------------------------------------------------------- full disk
@@ -462,8 +470,10 @@ def test_an_unwritable_cache_costs_time_not_the_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_random_kills_resume_bit_identically(tmp_path):
     """kill -9, SIGINT and SIGTERM at 20 random instants each (benchmarks/kill_loop.py)."""
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kill_loop.py"), "--n", "20",
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kill_loop.py"), "--n", "20", "--strict",
                         "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 60 and all(x["identical"] for x in results)
+    assert {x["rc"] for x in results if x["signal"] == "INT"} == {130}  # the signal really interrupted
+    assert {x["rc"] for x in results if x["signal"] == "TERM"} == {143}

@@ -68,7 +68,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def _terminate_as_interrupt() -> object:
     """SIGTERM (``timeout``, a scheduler) unwinds like Ctrl-C, so temporary files are removed and a
     training loop saves between whole steps (it installs its own handler); returns the old handler."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         return None
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 

@@ -49,3 +49,14 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "text.txt"
     p.write_text(make_text())
     return p
+
+
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT handled as in a terminal (Python's KeyboardInterrupt), even where the test process
+    was started with it ignored (a background job, as CI runs): tests that press Ctrl-C need it."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

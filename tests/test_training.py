@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_same_logits(trained):
     assert a.meta["format_version"] == ckpt.FORMAT_VERSION
 
 
-def test_resume_after_ctrl_c_matches_uninterrupted_run(tmp_path, text_file, monkeypatch):
+def test_resume_after_ctrl_c_matches_uninterrupted_run(tmp_path, text_file, monkeypatch, terminal_sigint):
     args = ["--data", str(text_file), "--steps", "6", *TINY]
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
 

@@ -475,5 +475,7 @@ def test_random_kills_resume_bit_identically(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 60 and all(x["identical"] for x in results)
-    assert {x["rc"] for x in results if x["signal"] == "INT"} == {130}  # the signal really interrupted
-    assert {x["rc"] for x in results if x["signal"] == "TERM"} == {143}
+    for sig, status in (("INT", 130), ("TERM", 143), ("KILL", -9)):
+        rcs = [x["rc"] for x in results if x["signal"] == sig]
+        assert set(rcs) <= {status, 0}, (sig, rcs)  # 0: the run had finished within the signal's delay
+        assert rcs.count(status) >= 15, (sig, rcs)  # the signals really interrupted (most) runs

@@ -27,9 +27,9 @@ def trained(tmp_path_factory, text_file):
     return out
 
 
-def tiny_model(tok, engram: bool = True, seed: int = 0) -> EngramGPT:
+def tiny_model(tok, engram: bool = True, seed: int = 0, sparse: bool = False) -> EngramGPT:
     e = EngramConfig(hidden_size=32, layer_ids=[1], n_embed_per_ngram=32, n_head_per_ngram=2,
-                     engram_vocab_size=[53, 53], pad_id=tok.eos_token_id) if engram else None
+                     engram_vocab_size=[53, 53], pad_id=tok.eos_token_id, sparse_grad=sparse) if engram else None
     return build_model(GPTConfig(vocab_size=len(tok), n_layer=2, n_head=2, n_embd=32, block_size=32, engram=e), tok, seed)
 
 
@@ -248,8 +248,8 @@ def test_inspect_gates_usage_and_engram_off_loss(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------- GPU-ready loop (on CPU)
-def _trained_weights(tok, ids, **cfg):
-    t = Trainer(tiny_model(tok), data.TokenBatcher(ids, 8, 32, seed=1),
+def _trained_weights(tok, ids, sparse=False, **cfg):
+    t = Trainer(tiny_model(tok, sparse=sparse), data.TokenBatcher(ids, 8, 32, seed=1),
                 TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_size=8, seq_len=32, **cfg))
     for _ in range(3):
         t.train_step()
@@ -263,9 +263,10 @@ def test_grad_accum_equals_the_whole_batch(sparse):
     ids = data.encode(tok, text)
     import engram.training.loop as loop_mod
 
-    whole, _ = _trained_weights(tok, ids)
+    whole, t1 = _trained_weights(tok, ids, sparse)
+    assert t1.model.table_parameters()[0].grad is None and t1.model.blocks[1].engram.memory.sparse_grad == sparse
     for n in (2, 4):
-        parts, t = _trained_weights(tok, ids, grad_accum=n)
+        parts, t = _trained_weights(tok, ids, sparse, grad_accum=n)
         assert t.tokens == 3 * 8 * 32  # same tokens per step
         # Float rounding of the summed micro-batch gradients, through Adam's normalisation: a few
         # 1e-6 on weights whose every step moves them by up to lr = 3e-3.
@@ -306,12 +307,17 @@ def test_devices_that_do_not_exist_are_clear_errors(tmp_path, text_file, capsys)
 
 
 @pytest.mark.slow
-def test_compiled_training_step_equals_eager():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compiled_training_step_equals_eager(sparse):
     text = make_text()
     tok = data.train_bpe_tokenizer(text, 300)
     ids = data.encode(tok, text)
-    eager, te = _trained_weights(tok, ids)
-    compiled, tc = _trained_weights(tok, ids, compile=True)
-    assert tc.losses == pytest.approx(te.losses, rel=1e-4, abs=1e-5)
+    # sparse: table gradients as the study's default makes them; the lookup runs outside the graph
+    eager, te = _trained_weights(tok, ids, sparse)
+    compiled, tc = _trained_weights(tok, ids, sparse, compile=True)
+    assert tc.model.blocks[1].engram.memory.sparse_grad == sparse
+    assert tc.losses == pytest.approx(te.losses, rel=1e-5)
+    # Fused kernels round differently; Adam's normalisation turns that into weight differences of
+    # ~2e-5 after 3 steps of lr 3e-3 (1% of one step's update), measured 1.6e-5 / 1.8e-5.
     for k in eager:
-        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=5e-5, msg=k)

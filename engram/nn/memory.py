@@ -170,7 +170,17 @@ class MultiHeadEmbedding(TableStorage):
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T, H)`` per-head rows -> ``(B, T, H, d)`` looked-up rows."""
         self.check_hash_ids(hash_ids)
-        return F.embedding(self.flat_rows(hash_ids), self.embedding.weight, sparse=self.embedding.sparse)
+        if self.embedding.sparse and torch.is_grad_enabled():
+            return sparse_lookup(self.flat_rows(hash_ids), self.embedding.weight)
+        return F.embedding(self.flat_rows(hash_ids), self.embedding.weight)
+
+
+@torch.compiler.disable
+def sparse_lookup(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding`` with a sparse (row) gradient, kept out of ``torch.compile`` graphs: inductor
+    cannot build a backward that produces a sparse tensor, so a compiled training step runs this
+    lookup (and its backward) eagerly and compiles around it."""
+    return F.embedding(rows, weight, sparse=True)
 
 
 def table_parameters(memories: Iterable[TableStorage]) -> list[nn.Parameter]:

@@ -248,6 +248,13 @@ def test_inspect_gates_usage_and_engram_off_loss(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------- GPU-ready loop (on CPU)
+@pytest.fixture(scope="module")
+def tok_ids():
+    text = make_text()
+    tok = data.train_bpe_tokenizer(text, 300)
+    return tok, data.encode(tok, text)
+
+
 def _trained_weights(tok, ids, sparse=False, **cfg):
     t = Trainer(tiny_model(tok, sparse=sparse), data.TokenBatcher(ids, 8, 32, seed=1),
                 TrainConfig(lr=3e-3, warmup_steps=1, max_steps=3, batch_size=8, seq_len=32, **cfg))
@@ -257,10 +264,8 @@ def _trained_weights(tok, ids, sparse=False, **cfg):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_grad_accum_equals_the_whole_batch(sparse):
-    text = make_text()
-    tok = data.train_bpe_tokenizer(text, 300)
-    ids = data.encode(tok, text)
+def test_grad_accum_equals_the_whole_batch(sparse, tok_ids):
+    tok, ids = tok_ids
     import engram.training.loop as loop_mod
 
     whole, t1 = _trained_weights(tok, ids, sparse)
@@ -277,10 +282,8 @@ def test_grad_accum_equals_the_whole_batch(sparse):
     assert loop_mod.AUTOCAST["fp32"] is None
 
 
-def test_bf16_autocast_trains_on_cpu_near_fp32():
-    text = make_text()
-    tok = data.train_bpe_tokenizer(text, 300)
-    ids = data.encode(tok, text)
+def test_bf16_autocast_trains_on_cpu_near_fp32(tok_ids):
+    tok, ids = tok_ids
     w32, t32 = _trained_weights(tok, ids)
     w16, t16 = _trained_weights(tok, ids, dtype="bf16")
     assert all(v.dtype == w32[k].dtype for k, v in w16.items())  # weights stay fp32
@@ -308,10 +311,8 @@ def test_devices_that_do_not_exist_are_clear_errors(tmp_path, text_file, capsys)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
-def test_compiled_training_step_equals_eager(sparse):
-    text = make_text()
-    tok = data.train_bpe_tokenizer(text, 300)
-    ids = data.encode(tok, text)
+def test_compiled_training_step_equals_eager(sparse, tok_ids):
+    tok, ids = tok_ids
     # sparse: table gradients as the study's default makes them; the lookup runs outside the graph
     eager, te = _trained_weights(tok, ids, sparse)
     compiled, tc = _trained_weights(tok, ids, sparse, compile=True)

@@ -422,6 +422,7 @@ def time_steps(models: dict[str, Any], batcher: Any, tcfg: Any, rounds: int, pro
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Run the study the parsed ``args`` describe and write its outputs; returns the report."""
+    from engram.training.data import reseeded  # noqa: PLC0415
     from engram.training.loop import (StopSignals, Trainer, build_model, peak_rss_mb, rss_mb,  # noqa: PLC0415
                                       write_json_atomic)
 
@@ -437,9 +438,6 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         variant_config(v, args, args.vocab_size, 0)
     out = Path(args.out)
     machine = machine_info()
-    from engram.training.sizing import table_size_rule_text  # noqa: PLC0415
-
-    table_rule = "--table-size" if args.table_size is not None else table_size_rule_text()
 
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -448,27 +446,25 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if total is not None and len(variants) > 1:
         total += len(variants) * (TIMING_WARMUP + args.timing_rounds)
     progress = _Progress(total, args.no_progress)
-    info: dict[str, Any] = {}
-    timing_models: dict[str, Any] = {}
+    progress.phase("preparing data")
+    tp = time.perf_counter()
+    tokenizer, batcher0, evals, info = prepare_data(args, tcfg0.batch_size, tcfg0.seq_len, seeds[0])
+    info["prepare_seconds"] = time.perf_counter() - tp
+    ruled = args.table_size is None
+    resolve_table_size(args, info)
+    if ruled:
+        print(f"table size: {args.table_size:,} rows per head ({info['table_size']['rule']})", file=sys.stderr)
+    configs = {v: variant_config(v, args, len(tokenizer), pad_id_of(tokenizer)) for v in variants}
     with StopSignals() as stop:  # SIGINT / SIGTERM: stop between whole steps and report what was done
         for seed in seeds:
             tcfg = dataclasses.replace(tcfg0, seed=seed)
-            progress.phase(f"seed {seed}: preparing data")
-            tp = time.perf_counter()
-            tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, seed)
-            info["prepare_seconds"] = time.perf_counter() - tp
-            if seed == seeds[0] and args.table_size is None:
-                resolve_table_size(args, info)
-                print(f"table size: {args.table_size:,} rows per head ({info['table_size']['rule']})", file=sys.stderr)
-            info["table_size"] = {"rows_per_head": args.table_size, "rule": table_rule}
+            batcher = reseeded(batcher0, seed)  # the same tokens, seed's stream of batches
             trainers, rss_delta = [], {}
             for v in variants:
                 before = rss_mb()
-                cfg = variant_config(v, args, len(tokenizer), pad_id_of(tokenizer))
-                trainers.append(Trainer(build_model(cfg, tokenizer, seed), batcher, tcfg, evals, name=v, device=device))
+                trainers.append(Trainer(build_model(configs[v], tokenizer, seed), batcher, tcfg, evals, name=v,
+                                        device=device))
                 rss_delta[v] = rss_mb() - before
-                if seed == seeds[0]:
-                    timing_models[v] = (cfg, tokenizer, batcher)
             try:
                 while not all(t.done for t in trainers):
                     if stop.signum is not None:
@@ -510,8 +506,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if tcfg0.max_steps and not tcfg0.time_budget and not interrupted and len(variants) > 1:
             progress.phase("timing steps (interleaved)")
             try:
-                models = {v: build_model(cfg, tok, seeds[0]) for v, (cfg, tok, _) in timing_models.items()}
-                batcher0 = next(iter(timing_models.values()))[2]
+                models = {v: build_model(cfg, tokenizer, seeds[0]) for v, cfg in configs.items()}
                 timing = time_steps(models, batcher0, tcfg0, args.timing_rounds, progress, device=device)
             except KeyboardInterrupt:
                 interrupted = True

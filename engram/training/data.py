@@ -26,6 +26,7 @@ that packed rows can reset the n-gram history at each document (``EngramGPT(...,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -346,6 +347,13 @@ def _load_token_cache(path: Path) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------- batching
+def reseeded(batcher: Any, seed: int) -> Any:
+    """A copy of ``batcher`` (either kind) drawing the stream of ``seed``; the tokens are shared."""
+    other = copy.copy(batcher)
+    other.seed = seed
+    return other
+
+
 def check_windows(tokens: np.ndarray, batch_size: int, seq_len: int, what: str, advice: str) -> None:
     """``ValueError`` unless ``tokens`` is 1-D and long enough for windows of ``seq_len + 1``."""
     if tokens.ndim != 1:

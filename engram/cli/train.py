@@ -157,9 +157,10 @@ def _files_info(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def _check_files(files: list[dict[str, Any]] | None, allow_changes: bool) -> None:
+def _check_files(files: list[dict[str, Any]] | None, allow_changes: bool) -> list[dict[str, Any]] | None:
     """Before a resume reads the data files its checkpoint names: each must be a regular file of
-    the recorded size and SHA-256, so a stored path never decides what a run trains on."""
+    the recorded size and SHA-256, so a stored path never decides what a run trains on. Returns
+    the records when every file matched them (so they need not be hashed again), else ``None``."""
     from engram.training.checkpoint import file_sha256  # noqa: PLC0415
 
     for f in files or []:
@@ -176,6 +177,7 @@ def _check_files(files: list[dict[str, Any]] | None, allow_changes: bool) -> Non
         if file_sha256(path) != f["sha256"]:
             raise ValueError(f"the run's data file {str(path)!r} differs from the one the run trained on "
                              "(SHA-256); restore it, or add --allow-changes to continue on the new data")
+    return None if allow_changes or not files else files
 
 
 def _load_for_resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -204,6 +206,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
 
     for name in clean_run_dir(out):
         print(f"engram: removed {name}, left in {out} by an interrupted save", file=sys.stderr)
+    data_files = None  # size and SHA-256 of the data files, once verified or computed
     if args.resume:
         ck, saved_args, extra = _load_for_resume(args)
         changes = _check_changes(args, saved_args)
@@ -227,7 +230,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             if k in saved_args and k not in changes and not (given and k in SOURCE_FLAGS):
                 setattr(args, k, saved_args[k])
         if not given and (args.data or args.dataset):  # the run's own files: say which are read
-            _check_files(extra.get("data_files"), args.allow_changes)
+            data_files = _check_files(extra.get("data_files"), args.allow_changes)
             print(f"engram: resuming on {', '.join(args.data or [args.dataset])}"
                   + (f" (eval: {', '.join(args.eval_data)})" if args.eval_data else ""), file=sys.stderr)
         tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
@@ -265,7 +268,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS + SOURCE_FLAGS}
     data_args = {k: run_args.get(k, getattr(args, k, None)) for k in _DATA_FLAGS}
 
-    data_files = _files_info(args)
+    data_files = data_files if data_files is not None else _files_info(args)
 
     def save(t: Trainer) -> None:
         state = t.state_dict()

@@ -1,17 +1,20 @@
-"""Training-step time of the study's Engram model in each mode of the loop, side by side.
+"""Training-step time of the study's model with and without Engram in each mode of the loop, side by side.
 
 Modes: fp32 eager, bf16 autocast eager, fp32 compiled, bf16 compiled (``--modes`` to choose).
-Every mode trains its own copy of the same model on the same batches; after ``--warmup`` steps
-each (compilation happens there), ``--rounds`` rounds of one timed step per mode, order
-alternating. Prints median seconds per step, tokens/s and the ratio to fp32 eager, with the load
-average and thread count.
+Every (mode, model) pair trains its own copy of the same model on the same batches; after
+``--warmup`` steps each (compilation happens there), ``--rounds`` rounds of one timed step per
+pair, order alternating. Prints median seconds per step, tokens/s, the ratio to the first mode
+and Engram's step-time overhead over the same model without it, with the load average, thread
+count and device. ``--width/--layers/--batch/--seq`` scale the model (default: the study's).
 
     python benchmarks/train_modes.py --threads 1
+    python benchmarks/train_modes.py --device cuda --width 768 --layers 12 --batch 32 --seq 512 --out r.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 
@@ -28,41 +31,67 @@ MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp3
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--models", default="base,engram", help="base (no Engram) and/or engram")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     corpus = data.load_corpus()
     tok = data.get_tokenizer(None, corpus.train_text, 4096)
     ids = data.encode(tok, corpus.train_text)
-    eng = EngramConfig(hidden_size=128, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=128, n_head_per_ngram=4,
+    eng = EngramConfig(hidden_size=a.width, layer_ids=[1], max_ngram_size=3, n_embed_per_ngram=128, n_head_per_ngram=4,
                        engram_vocab_size=[17000, 17000], pad_id=tok.pad_token_id, sparse_grad=True,
                        zero_init_output=True)
-    cfg = GPTConfig(vocab_size=len(tok), n_layer=4, n_head=4, n_embd=128, block_size=128, engram=eng)
-    batcher = data.TokenBatcher(ids, 16, 128, seed=0)
+    batcher = data.TokenBatcher(ids, a.batch, a.seq, seed=0)
     trainers = {}
     for m in a.modes.split(","):
         dtype, comp = MODES[m]
-        trainers[m] = Trainer(build_model(cfg, tok, 0), batcher,
-                              TrainConfig(batch_size=16, seq_len=128, max_steps=10_000, dtype=dtype, compile=comp), name=m)
+        for model in a.models.split(","):
+            cfg = GPTConfig(vocab_size=len(tok), n_layer=a.layers, n_head=max(1, a.width // 64), n_embd=a.width,
+                            block_size=a.seq, engram=eng if model == "engram" else None)
+            tcfg = TrainConfig(batch_size=a.batch, seq_len=a.seq, max_steps=10_000, dtype=dtype, compile=comp)
+            trainers[(m, model)] = Trainer(build_model(cfg, tok, 0), batcher, tcfg, name=f"{m}/{model}", device=a.device)
     load0 = os.getloadavg()[0]
     for t in trainers.values():
         for _ in range(a.warmup):
             t.train_step()
-    times = {m: [] for m in trainers}
+        t.sync()
+    times = {k: [] for k in trainers}
     order = list(trainers)
     for r in range(a.rounds):
-        for m in (order if r % 2 == 0 else order[::-1]):
-            trainers[m].train_step()
-            times[m].append(trainers[m].step_times[-1])
+        for k in (order if r % 2 == 0 else order[::-1]):
+            trainers[k].train_step()
+            trainers[k].sync()  # an accelerator's step time is read back here
+            times[k].append(trainers[k].step_times[-1])
     base = statistics.median(times[order[0]])
-    print(f"threads {torch.get_num_threads()}, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}, "
-          f"{a.rounds} interleaved rounds after {a.warmup} warm-up steps, B=16 T=128")
-    for m, ts in times.items():
+    ntok = a.batch * a.seq
+    print(f"device {a.device}, threads {torch.get_num_threads()}, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}, "
+          f"{a.rounds} interleaved rounds after {a.warmup} warm-up steps, B={a.batch} T={a.seq} "
+          f"width {a.width} layers {a.layers}")
+    rows = []
+    for (m, model), ts in times.items():
         med = statistics.median(ts)
-        print(f"{m:14s} median {med * 1e3:7.1f} ms/step  {16 * 128 / med:8,.0f} tok/s  x{base / med:.2f} vs {order[0]}  "
-              f"last loss {trainers[m].losses[-1]:.3f}")
+        other = times.get((m, "base"))
+        over = med / statistics.median(other) - 1 if other and model == "engram" else None
+        rows.append({"mode": m, "model": model, "median_s": med, "tok_s": ntok / med, "vs_first": base / med,
+                     "engram_overhead": over, "last_loss": trainers[(m, model)].losses[-1]})
+        print(f"{m:14s} {model:7s} median {med * 1e3:8.2f} ms/step  {ntok / med:10,.0f} tok/s  x{base / med:.2f} vs "
+              f"{order[0][0]}/{order[0][1]}" + (f"  Engram step overhead {over:+.1%}" if over is not None else "")
+              + f"  last loss {trainers[(m, model)].losses[-1]:.3f}")
+    if a.out:
+        info = {"device": a.device, "threads": torch.get_num_threads(), "load": [load0, os.getloadavg()[0]],
+                "batch": a.batch, "seq": a.seq, "width": a.width, "layers": a.layers, "rounds": a.rounds,
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
+        with open(a.out, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

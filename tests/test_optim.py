@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from helpers import tiny_gpt
-from engram.training.optim import RowSparseAdam, build_optimizer, clip_grad_norm_, optimizer_state_bytes
+from engram.training import optim
+from engram.training.optim import RowSparseAdam, build_optimizer, clip_grad_norm_, optimizer_state_bytes, summed_rows
 
 
 
@@ -84,6 +85,55 @@ def test_row_sparse_adam_is_bit_identical_to_sparse_adam(maximize):
         w = nn.Parameter(torch.zeros(3, 2))
         w.grad = torch.ones(3, 2)
         RowSparseAdam([w]).step()
+
+
+def _lookup_grad(idx: torch.Tensor, rows: int = 300, d: int = 8) -> torch.Tensor:
+    w = nn.Parameter(torch.zeros(rows, d))
+    (F.embedding(idx, w, sparse=True) * torch.randn(*idx.shape, d, generator=torch.Generator().manual_seed(2))).sum().backward()
+    return w.grad  # uncoalesced: one entry per lookup
+
+
+def test_summed_rows_static_shape_sums_duplicates_like_coalesce():
+    """The accelerator form (no data-dependent shape, so no host stall) holds the same rows, in
+    the same order, and sums as coalesce(), and its unused slots scatter nothing."""
+    for idx in (torch.randint(0, 300, (4, 50), generator=torch.Generator().manual_seed(1)),  # many duplicates
+                torch.arange(7), torch.tensor([5, 5, 5]), torch.zeros(0, dtype=torch.long)):
+        grad = _lookup_grad(idx)
+        assert not grad.is_coalesced() or idx.numel() == 0
+        rows, values, live = summed_rows(grad, static_shape=True)
+        c = grad.coalesce()
+        k = c._indices().shape[1]
+        assert rows.shape[0] == idx.numel() and values.shape == (idx.numel(), 8)  # shape from the input alone
+        if idx.numel():
+            assert live[:k].eq(1).all() and live[k:].eq(0).all()
+            assert torch.equal(rows[:k], c._indices()[0])
+            torch.testing.assert_close(values[:k], c._values(), rtol=1e-6, atol=1e-6)  # summation order aside
+            assert values[k:].eq(0).all()
+        dense = torch.zeros(300, 8).index_add_(0, rows, values * (1 if live is None else live))
+        torch.testing.assert_close(dense, grad.to_dense(), rtol=1e-6, atol=1e-6)
+
+
+def test_row_sparse_adam_static_shape_path_equals_coalesced_path(monkeypatch):
+    """RowSparseAdam and clipping through the accelerator form train the same table as the CPU
+    form (to float rounding: the sums run in another order), here on a CPU (tests/test_cuda.py runs it where it is the default)."""
+    def train(static: bool) -> tuple[torch.Tensor, dict]:
+        monkeypatch.setattr(optim, "summed_rows", lambda g, static_shape=None: summed_rows(g, static))
+        torch.manual_seed(0)
+        emb = nn.Embedding(300, 8, sparse=True)
+        opt = RowSparseAdam(emb.parameters(), lr=0.05, betas=(0.8, 0.95))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            idx = torch.randint(0, 300, (4, 50), generator=g)
+            opt.zero_grad()
+            ((emb(idx) - torch.randn(8, generator=g)) ** 2).sum().backward()
+            clip_grad_norm_(list(emb.parameters()), 1.0)
+            opt.step()
+        return emb.weight.detach(), opt.state[emb.weight]
+
+    (w0, s0), (w1, s1) = train(False), train(True)
+    torch.testing.assert_close(w1, w0, rtol=1e-6, atol=1e-7)  # clipping scales before vs after summing
+    torch.testing.assert_close(s1["exp_avg_sq"], s0["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert s1["step"] == s0["step"] == 5
 
 
 def test_build_optimizer_uses_row_sparse_adam_for_sparse_tables_and_state_bytes():

@@ -49,11 +49,14 @@ VOCAB = 4096
 
 # ---------------------------------------------------------------------------------- timing
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, before: dict[str, Callable[[], Any]] | None = None,
-                warmup: int = 1) -> dict[str, float]:
+                warmup: int = 1, device: torch.device | str | None = None) -> dict[str, float]:
     """Median seconds of each callable, run round-robin (A B A B ...) after ``warmup`` rounds.
 
     ``before[k]`` runs untimed ahead of each timed call of ``fns[k]`` (e.g. dropping a page cache).
+    On a CUDA ``device`` each timed call ends with a synchronisation (the GPU's work is counted).
     """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if reps < 1:
         raise ValueError(f"reps={reps} must be >= 1")
     before = before or {}
@@ -65,8 +68,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, before: dict[str, 
         for k, f in fns.items():
             if k in before:
                 before[k]()
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -118,17 +123,17 @@ def forward_fn(model: EngramGPT, x: torch.Tensor) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------------- sections
-def bench_seq(seqs: list[int], reps: int, rows: int, rss: bool) -> dict[str, Any]:
+def bench_seq(seqs: list[int], reps: int, rows: int, rss: bool, device: str = "cpu") -> dict[str, Any]:
     """Engram vs none over sequence lengths (B=1): train step, forward, params, peak RSS."""
-    base = bench_gpt(None, block_size=max(seqs))
-    eng = bench_gpt(rows, block_size=max(seqs))
+    base = bench_gpt(None, block_size=max(seqs)).to(device)
+    eng = bench_gpt(rows, block_size=max(seqs)).to(device)
     out: dict[str, Any] = {"params": {"base": base.num_params(), "engram": eng.num_params()}, "rows": []}
     g = torch.Generator().manual_seed(0)
     for T in seqs:
-        x = torch.randint(0, VOCAB, (1, T), generator=g)
-        y = torch.randint(0, VOCAB, (1, T), generator=g)
-        step = interleaved({"base": train_step_fn(base, x, y), "engram": train_step_fn(eng, x, y)}, reps)
-        fwd = interleaved({"base": forward_fn(base, x), "engram": forward_fn(eng, x)}, reps)
+        x = torch.randint(0, VOCAB, (1, T), generator=g).to(device)
+        y = torch.randint(0, VOCAB, (1, T), generator=g).to(device)
+        step = interleaved({"base": train_step_fn(base, x, y), "engram": train_step_fn(eng, x, y)}, reps, device=device)
+        fwd = interleaved({"base": forward_fn(base, x), "engram": forward_fn(eng, x)}, reps, device=device)
         row = {"T": T, "train_s": step, "forward_s": fwd,
                "train_ratio": step["engram"] / step["base"], "forward_ratio": fwd["engram"] / fwd["base"]}
         if rss:
@@ -205,19 +210,20 @@ def bench_lookup(rows: int, shape: tuple[int, int], reps: int) -> dict[str, Any]
             "lookup_vs_memcpy": med["memcpy"] / med["lookup"]}
 
 
-def bench_table(base_rows: int, mults: list[int], shape: tuple[int, int], reps: int) -> dict[str, Any]:
+def bench_table(base_rows: int, mults: list[int], shape: tuple[int, int], reps: int,
+                device: str = "cpu") -> dict[str, Any]:
     """Train step time vs table size (rows per head = base_rows * mult), sparse vs dense tables."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, VOCAB, shape, generator=g)
-    y = torch.randint(0, VOCAB, shape, generator=g)
+    x = torch.randint(0, VOCAB, shape, generator=g).to(device)
+    y = torch.randint(0, VOCAB, shape, generator=g).to(device)
     out: dict[str, Any] = {"base_rows": base_rows, "shape": list(shape), "modes": {}}
     for mode, sparse in (("sparse", True), ("dense", False)):
         fns, info = {}, {}
         for mlt in mults:
-            model = bench_gpt(base_rows * mlt, block_size=shape[1], sparse=sparse)
+            model = bench_gpt(base_rows * mlt, block_size=shape[1], sparse=sparse).to(device)
             fns[f"{mlt}x"] = train_step_fn(model, x, y)
             info[f"{mlt}x"] = {"table_rows": sum(p.shape[0] for p in model.table_parameters())}
-        med = interleaved(fns, reps)
+        med = interleaved(fns, reps, device=device)
         first = med[f"{mults[0]}x"]
         for k, v in med.items():
             info[k].update({"step_s": v, "ratio_vs_1x": v / first})
@@ -230,18 +236,19 @@ def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_token
                    warmup: int = 1) -> dict[str, float]:
     """Median seconds of greedy ``generate`` (KV cache) for each model, interleaved."""
     return interleaved({k: (lambda m=m: m.generate(prompt, new_tokens, temperature=0)) for k, m in models.items()},
-                       reps, warmup=warmup)
+                       reps, warmup=warmup, device=prompt.device)
 
 
-def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1) -> dict[str, Any]:
+def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1,
+                 device: str = "cpu") -> dict[str, Any]:
     """Greedy decode tokens/s (16-token prompt, KV cache), Engram vs none; with ``compile`` both
     models run ``model.compile(dynamic=True)`` (compiled in the untimed warm-up)."""
-    base, eng = bench_gpt(None), bench_gpt(rows)
+    base, eng = bench_gpt(None).to(device), bench_gpt(rows).to(device)
     base.eval(), eng.eval()
     if compile:
         for m in (base, eng):
             m.compile(dynamic=True)
-    prompt = torch.randint(0, VOCAB, (batch, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, VOCAB, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
     med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps, warmup=2 if compile else 1)
     return {"new_tokens": new_tokens, "batch": batch, "compiled": compile,
             "tok_s": {k: batch * new_tokens / v for k, v in med.items()},
@@ -278,7 +285,8 @@ def machine() -> dict[str, Any]:
 def to_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = ["# engram bench\n", f"Machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} "
-             f"({m['torch_threads']} threads), load average at start {m['loadavg_start'][0]:.1f}. "
+             f"({m['torch_threads']} threads), load average at start {m['loadavg_start'][0]:.1f}"
+             + (f"; models on {m['device']} ({m['gpu']})" if m.get("gpu") else "") + ". "
              f"Medians of {r['settings']['reps']} interleaved runs after a warm-up.\n"]
     if "seq" in r:
         s = r["seq"]
@@ -404,6 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS child processes")
     p.add_argument("--compile", action="store_true", help="decode: both models under model.compile(dynamic=True)")
     p.add_argument("--batch", type=int, default=1, help="decode: prompts per batch (default 1)")
+    p.add_argument("--device", default="cpu", help="seq, table, decode: the models' device (cpu, cuda, ...); "
+                   "hashing and lookup run on the CPU, where training hashes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -415,6 +425,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads={args.threads} must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from engram.training.loop import check_device  # noqa: PLC0415
+
+    device = str(check_device(args.device))
     reps = args.reps if args.reps is not None else (2 if args.quick else 7)
     if reps < 1:
         raise ValueError(f"--reps={reps} must be >= 1")
@@ -430,21 +443,24 @@ def run(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    r: dict[str, Any] = {"machine": machine(), "settings": settings,
+    r: dict[str, Any] = {"machine": {**machine(), "device": device,
+                                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
+                         "settings": settings,
                          "model": "GPTConfig(vocab 4096, n_layer 4, n_head 4, n_embd 128); Engram at block 1, "
                                   "(2,3)-grams x 8 heads, n_embed_per_ngram 128, sparse tables"}
     if "seq" in only:
-        r["seq"] = bench_seq(settings["seqs"], reps, settings["rows"], rss=not (q or args.no_rss))
+        r["seq"] = bench_seq(settings["seqs"], reps, settings["rows"], rss=not (q or args.no_rss or device != "cpu"),
+                             device=device)
     if "hashing" in only:
         r["hashing"] = bench_hashing(settings["hash_shape"], reps)
     if "lookup" in only:
         r["lookup"] = bench_lookup(settings["lookup_rows"], settings["lookup_shape"], reps)
     if "table" in only:
-        r["table"] = bench_table(settings["rows"], settings["table_mults"], settings["table_shape"], reps)
+        r["table"] = bench_table(settings["rows"], settings["table_mults"], settings["table_shape"], reps, device)
     if "decode" in only:
         if args.batch < 1:
             raise ValueError(f"--batch={args.batch} must be >= 1")
-        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch)
+        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch, device)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     r["plots"] = plot(r, out)
     (out / "bench.json").write_text(json.dumps(r, indent=1))

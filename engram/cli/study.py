@@ -410,6 +410,7 @@ def time_steps(models: dict[str, Any], batcher: Any, tcfg: Any, rounds: int, pro
     for r in range(rounds):
         for t in (trainers if r % 2 == 0 else trainers[::-1]):
             t.train_step()
+            t.sync()  # an accelerator's step time is read back here
             times[t.name].append(t.step_times[-1])
             if progress:
                 progress.bar.update(1)

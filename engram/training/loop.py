@@ -36,6 +36,9 @@ from engram.models.gpt import EngramGPT, GPTConfig
 from engram.training.optim import build_optimizer, clip_grad_norm_
 
 
+LOSS_SYNC_EVERY = 10  # steps between loss read-backs on an accelerator (one host stall each)
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and budget settings.
@@ -158,15 +161,15 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm over all ``params`` (sparse table gradients included).
 
     Uses :func:`engram.training.optim.clip_grad_norm_`, which counts a sparse gradient's coalesced rows and
     scales dense and sparse gradients by one factor. Returns the norm before clipping (0 if off).
     """
     if max_norm <= 0:
-        return 0.0
-    return float(clip_grad_norm_(params, max_norm))
+        return torch.zeros(())
+    return clip_grad_norm_(params, max_norm)  # a tensor: reading it back would stall the host
 
 
 def build_model(config: GPTConfig, tokenizer: Any, seed: int) -> EngramGPT:
@@ -276,6 +279,12 @@ class Trainer:
         self.losses: list[float] = []
         self.curve: list[CurvePoint] = []
         self._next_eval = 0.0  # progress fraction of the next evaluation
+        # Reading a loss back stalls the host until the device has caught up, so on an
+        # accelerator losses (and step times, from CUDA events) are read every `sync_every`
+        # steps; a time budget needs its clock every step. On a CPU reading back costs nothing.
+        on_cpu = self.device.type == "cpu"
+        self.sync_every = 1 if on_cpu or config.time_budget is not None else LOSS_SYNC_EVERY
+        self._pending: list[tuple[torch.Tensor, Any, Any, float]] = []  # (loss, start, end events, host s)
 
     # ------------------------------------------------------------------ budget
     @property
@@ -321,8 +330,13 @@ class Trainer:
         return loss
 
     def train_step(self) -> float:
-        """One optimisation step on batch ``self.step``; returns the training loss."""
+        """One optimisation step on batch ``self.step``; returns the latest training loss read
+        back (this step's on a CPU; on an accelerator, up to ``sync_every - 1`` steps older)."""
         t0 = time.perf_counter()
+        timed = self.device.type == "cuda"
+        if timed:  # the step's device time, read at the next sync (no stall here)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         self.model.train()
         self.set_lr()
         # (B, T) inputs and targets; doc_starts (B, T) bool where a prepared corpus knows its
@@ -346,22 +360,39 @@ class Trainer:
             self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        value = float(total)
-        dt = time.perf_counter() - t0
-        self.elapsed += dt
-        self.step_times.append(dt)
-        self.losses.append(value)
+        if timed:
+            end.record()
+        self._pending.append((total, start if timed else None, end if timed else None, t0))
         self.step += 1
         self.tokens += x.numel()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{self.name}: training loss is {value} at step {self.step}; lower --lr")
-        return value
+        if len(self._pending) >= self.sync_every:
+            self.sync()
+        return self.losses[-1] if self.losses else float("nan")
+
+    def sync(self) -> None:
+        """Read back the losses (and step times) of the steps since the last sync: one host
+        stall for all of them. Raises ``FloatingPointError`` at the first non-finite loss."""
+        if not self._pending:
+            return
+        values = torch.stack([p[0] for p in self._pending]).tolist()  # the one host sync
+        now = time.perf_counter()
+        for (_, start, end, t0), value in zip(self._pending, values):
+            dt = start.elapsed_time(end) / 1000 if start is not None else now - t0
+            self.elapsed += dt
+            self.step_times.append(dt)
+            self.losses.append(value)
+        first = self.step - len(self._pending)
+        self._pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.name}: training loss is {value} at step {first + i + 1}; lower --lr")
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean held-out loss per token; appends a curve point. Its time is not training time."""
         if not self.eval_data:
             raise ValueError("no held-out data to evaluate on")
+        self.sync()
         t0 = time.perf_counter()
         self.model.eval()
         total, count = 0.0, 0
@@ -387,6 +418,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """The per-run fields of ``report.json``."""
+        self.sync()
         counts = self.model.num_params()
         final = self.curve[-1].val_loss if self.curve else float("nan")
         return {
@@ -410,6 +442,7 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the weights that an exact resume needs."""
+        self.sync()
         return {
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,

@@ -70,23 +70,30 @@ class RowSparseAdam(torch.optim.SparseAdam):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                grad = (-p.grad if maximize else p.grad).coalesce()  # unique rows: the update is non-linear
-                rows, values = grad._indices()[0], grad._values()  # (n,), (n, d)
+                # unique rows (the update is non-linear): (n,), (n, d), and (n, 1) live slots or None
+                rows, values, live = summed_rows(-p.grad if maximize else p.grad)
                 if values.numel() == 0:
                     continue
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 # old <- b * old + (1 - b) * new, written as old += (1 - b) * (new - old), as SparseAdam
                 old_m = exp_avg.index_select(0, rows)  # (n, d)
                 upd_m = values.sub(old_m).mul_(1 - beta1)
+                if live is not None:  # unused slots (row 0, value 0) add exactly nothing
+                    upd_m.mul_(live)
                 exp_avg.index_add_(0, rows, upd_m)
                 old_v = exp_avg_sq.index_select(0, rows)
                 upd_v = values.pow(2).sub_(old_v).mul_(1 - beta2)
+                if live is not None:
+                    upd_v.mul_(live)
                 exp_avg_sq.index_add_(0, rows, upd_v)
                 numer = upd_m.add_(old_m)
                 denom = upd_v.add_(old_v).sqrt_().add_(eps)
                 step = state["step"]
                 step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                p.index_add_(0, rows, -step_size * numer.div_(denom))
+                delta = numer.div_(denom).mul_(-step_size)
+                if live is not None:
+                    delta.mul_(live)
+                p.index_add_(0, rows, delta)
         return loss
 
 
@@ -206,6 +213,37 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
+def summed_rows(grad: torch.Tensor, static_shape: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The touched rows of a row-sparse gradient with duplicate rows summed.
+
+    Returns ``(rows (n,), values (n, d), live)``. On a CPU (default) this is ``coalesce()``:
+    n unique rows and ``live=None``. Coalescing makes n depend on the data, which on an
+    accelerator means a host stall per table per step; there (``static_shape=True``) the
+    duplicates are summed into slots by a sort instead, keeping n = the gradient's entry count:
+    slot s holds the s-th distinct row and its summed values, slots past the distinct rows hold
+    row 0 with values 0, and ``live`` (n, 1) is 1.0 for the slots in use, 0.0 after them.
+    """
+    if static_shape is None:
+        static_shape = grad.device.type != "cpu"
+    if not static_shape or grad.is_coalesced():
+        g = grad.coalesce()
+        return g._indices()[0], g._values(), None
+    idx, vals = grad._indices()[0], grad._values()  # (n,), (n, d): one entry per lookup
+    n = idx.numel()
+    if n == 0:
+        return idx, vals, None
+    order = torch.argsort(idx, stable=True)
+    idx_sorted = idx[order]  # (n,)
+    new_row = torch.ones_like(idx_sorted, dtype=torch.bool)
+    new_row[1:] = idx_sorted[1:] != idx_sorted[:-1]
+    slot = new_row.cumsum(0) - 1  # (n,) slot of each entry: its row's rank among distinct rows
+    values = torch.zeros_like(vals).index_add_(0, slot, vals[order])  # (n, d), sums in row order
+    rows = torch.zeros_like(idx_sorted).scatter_(0, slot, idx_sorted)  # (n,) every writer agrees
+    live = (torch.arange(n, device=idx.device) <= slot[-1]).to(vals.dtype).unsqueeze(1)  # (n, 1)
+    return rows, values, live
+
+
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also accepts sparse (table) gradients.
 
@@ -219,8 +257,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     norms = []
     for p in params:
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            norms.append(torch.linalg.vector_norm(p.grad._values(), norm_type))
+            if p.grad.device.type == "cpu":  # coalesced once here; the optimizer then finds it so
+                p.grad = p.grad.coalesce()
+            norms.append(torch.linalg.vector_norm(summed_rows(p.grad)[1], norm_type))
         else:
             norms.append(torch.linalg.vector_norm(p.grad, norm_type))
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)

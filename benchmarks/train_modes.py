@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    p.add_argument("--hash", default="ahead", help="comma-separated: ahead (hashed in a background thread, the "
+                   "default of the loop) and/or in-step (the model hashes inside the step); both: side by side")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     corpus = data.load_corpus()
@@ -54,10 +56,13 @@ def main() -> None:
     for m in a.modes.split(","):
         dtype, comp = MODES[m]
         for model in a.models.split(","):
+          for hash_mode in (a.hash.split(",") if model == "engram" else ["-"]):
             cfg = GPTConfig(vocab_size=len(tok), n_layer=a.layers, n_head=max(1, a.width // 64), n_embd=a.width,
                             block_size=a.seq, engram=eng if model == "engram" else None)
             tcfg = TrainConfig(batch_size=a.batch, seq_len=a.seq, max_steps=10_000, dtype=dtype, compile=comp)
-            trainers[(m, model)] = Trainer(build_model(cfg, tok, 0), batcher, tcfg, name=f"{m}/{model}", device=a.device)
+            name = model if model == "base" or "," not in a.hash else f"{model}:{hash_mode}"
+            trainers[(m, name)] = Trainer(build_model(cfg, tok, 0), batcher, tcfg, name=f"{m}/{name}", device=a.device,
+                                          hash_ahead=hash_mode != "in-step")
     load0 = os.getloadavg()[0]
     for t in trainers.values():
         for _ in range(a.warmup):
@@ -79,10 +84,10 @@ def main() -> None:
     for (m, model), ts in times.items():
         med = statistics.median(ts)
         other = times.get((m, "base"))
-        over = med / statistics.median(other) - 1 if other and model == "engram" else None
+        over = med / statistics.median(other) - 1 if other and model != "base" else None
         rows.append({"mode": m, "model": model, "median_s": med, "tok_s": ntok / med, "vs_first": base / med,
                      "engram_overhead": over, "last_loss": trainers[(m, model)].losses[-1]})
-        print(f"{m:14s} {model:7s} median {med * 1e3:8.2f} ms/step  {ntok / med:10,.0f} tok/s  x{base / med:.2f} vs "
+        print(f"{m:14s} {model:15s} median {med * 1e3:8.2f} ms/step  {ntok / med:10,.0f} tok/s  x{base / med:.2f} vs "
               f"{order[0][0]}/{order[0][1]}" + (f"  Engram step overhead {over:+.1%}" if over is not None else "")
               + f"  last loss {trainers[(m, model)].losses[-1]:.3f}")
     if a.out:

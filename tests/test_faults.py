@@ -26,7 +26,7 @@ from engram import EngramConfig, GPTConfig
 from engram.cli import main
 from engram.training import checkpoint as ckpt
 from engram.training import data
-from engram.training.loop import StopSignals, build_model
+from engram.training.loop import StopSignals, Trainer, build_model
 
 from helpers import TINY, make_text  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
@@ -150,18 +150,18 @@ class _no_warning:
 def test_sigterm_stops_between_steps_saves_and_resumes_bit_identically(tmp_path, text_file, monkeypatch, capsys):
     args = ["--data", str(text_file), "--steps", "6", *TINY]
     assert train(*args, "--out", str(tmp_path / "full")) == 0
-    original = data.TokenBatcher.batch
+    original = Trainer.set_lr  # called inside each step, in the main thread (the next batch is made ahead)
 
-    def term_in_step_3(self, step):  # `timeout` or a cluster scheduler, in the middle of a step
-        if step == 3:
+    def term_in_step_3(self):  # `timeout` or a cluster scheduler, in the middle of a step
+        if self.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, step)
+        return original(self)
 
-    monkeypatch.setattr(data.TokenBatcher, "batch", term_in_step_3)
+    monkeypatch.setattr(Trainer, "set_lr", term_in_step_3)
     assert train(*args, "--out", str(tmp_path / "cut")) == 143
     assert "stopped by SIGTERM at step 4; checkpoint saved" in capsys.readouterr().err
     assert ckpt.load_checkpoint(tmp_path / "cut", load_training_state=True).training_state["step"] == 4
-    monkeypatch.setattr(data.TokenBatcher, "batch", original)
+    monkeypatch.setattr(Trainer, "set_lr", original)
     assert train("--resume", str(tmp_path / "cut"), "--no-progress") == 0
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
 
@@ -172,12 +172,12 @@ def test_sigterm_stops_between_steps_saves_and_resumes_bit_identically(tmp_path,
     assert report("cut")["curve"] == report("full")["curve"]
     # A signal in the last step: the run completes with its final evaluation (the kill loop
     # found it skipped once), exit 0, the same curve.
-    def term_in_last_step(self, step):
-        if step == 5:
+    def term_in_last_step(self):
+        if self.step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, step)
+        return original(self)
 
-    monkeypatch.setattr(data.TokenBatcher, "batch", term_in_last_step)
+    monkeypatch.setattr(Trainer, "set_lr", term_in_last_step)
     assert train(*args, "--out", str(tmp_path / "last")) == 0
     assert report("last")["curve"] == report("full")["curve"]
     assert_same_weights(tmp_path / "full", tmp_path / "last")

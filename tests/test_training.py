@@ -117,18 +117,18 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(tmp_path, text_file, monk
     args = ["--data", str(text_file), "--steps", "6", *TINY]
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
 
-    original = data.TokenBatcher.batch
+    original = Trainer.set_lr
 
-    def interrupt_in_step_3(self, step):  # a real Ctrl-C arriving in the middle of step 3
-        if step == 3:
+    def interrupt_in_step_3(self):  # a real Ctrl-C arriving in the middle of step 3
+        if self.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step)
+        return original(self)
 
-    monkeypatch.setattr(data.TokenBatcher, "batch", interrupt_in_step_3)
+    monkeypatch.setattr(Trainer, "set_lr", interrupt_in_step_3)
     assert main(["train", *args, "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C: finish the step, save
     mid = ckpt.load_checkpoint(tmp_path / "cut", load_training_state=True)
     assert mid.training_state["step"] == 4  # step 3 (the 4th) completed, never half-saved
-    monkeypatch.setattr(data.TokenBatcher, "batch", original)
+    monkeypatch.setattr(Trainer, "set_lr", original)
     assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
 
     full, cut = ckpt.load_checkpoint(tmp_path / "full"), ckpt.load_checkpoint(tmp_path / "cut")

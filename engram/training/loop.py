@@ -16,6 +16,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
@@ -34,6 +35,7 @@ from torch import nn
 from engram.training.data import TokenBatcher
 from engram.models.gpt import EngramGPT, GPTConfig
 from engram.training.optim import build_optimizer, clip_grad_norm_
+from engram.training.prehash import HashAhead
 
 
 LOSS_SYNC_EVERY = 10  # steps between loss read-backs on an accelerator (one host stall each)
@@ -261,12 +263,17 @@ class Trainer:
 
     def __init__(self, model: EngramGPT, batcher: TokenBatcher, config: TrainConfig,
                  eval_data: list[tuple[torch.Tensor, torch.Tensor]] | None = None, name: str = "model",
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, hash_ahead: bool = True):
         self.model, self.batcher, self.config, self.name = model, batcher, config, name
         self.device = check_device(device if device is not None else next(model.parameters()).device, config.dtype)
         self.model.to(self.device)
         self.eval_data = eval_data or []
         self.forward = torch.compile(model) if config.compile else model
+        # the next batch and its Engram row ids, made on the CPU in a background thread while a
+        # step runs (engram.training.prehash); False: the model hashes inside the step
+        hashing = getattr(model, "hashing", None)
+        self.hash_ahead = (HashAhead(batcher, hashing, pin=self.device.type == "cuda")
+                           if hash_ahead and hashing is not None else None)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.dtype == "fp16" else None
         self.optimizers = build_optimizer(model, config.lr, weight_decay=config.weight_decay,
                                           table_lr_mult=config.table_lr_mult)
@@ -275,6 +282,7 @@ class Trainer:
         self.elapsed = 0.0  # seconds inside train_step only
         self.eval_seconds = 0.0
         self.tokens = 0
+        self.world_size = 1  # processes sharing each batch (engram.distributed): tokens count the global batch
         self.step_times: list[float] = []
         self.losses: list[float] = []
         self.curve: list[CurvePoint] = []
@@ -323,11 +331,28 @@ class Trainer:
             t = t.pin_memory()  # page-locked: the copy below overlaps with the GPU's work
         return t.to(self.device, non_blocking=True)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, doc_starts: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, doc_starts: torch.Tensor | None,
+              hash_ids: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         dtype = AUTOCAST[self.config.dtype]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            _, loss = self.forward(x, y) if doc_starts is None else self.forward(x, y, doc_starts=doc_starts)
+            if hash_ids is not None:  # hashed ahead (doc_starts were applied there)
+                _, loss = self.forward(x, y, hash_ids=hash_ids)
+            else:
+                _, loss = self.forward(x, y) if doc_starts is None else self.forward(x, y, doc_starts=doc_starts)
         return loss
+
+    def micro_batch(self, i: int, n: int) -> Any:
+        """Context of micro-batch ``i`` of ``n`` (forward and backward); a data-parallel trainer
+        skips the gradient all-reduce of all but the last one."""
+        return contextlib.nullcontext()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm of this step (a sharded trainer sums its norm over ranks)."""
+        return clip_gradients(self.params, self.config.grad_clip)
+
+    def agreed_stop(self, signum: int | None) -> int | None:
+        """The stop signal every process acts on (one process: its own)."""
+        return signum
 
     def train_step(self) -> float:
         """One optimisation step on batch ``self.step``; returns the latest training loss read
@@ -341,19 +366,25 @@ class Trainer:
         self.set_lr()
         # (B, T) inputs and targets; doc_starts (B, T) bool where a prepared corpus knows its
         # document boundaries (the n-gram history restarts there), else None.
-        x, y, doc_starts = self.batcher.batch_with_boundaries(self.step)
+        if self.hash_ahead is not None:  # {layer: (B, T, H)} row ids, made while the last step ran
+            x, y, doc_starts, hash_ids = self.hash_ahead.get(self.step)
+            hash_ids = {k: self._to_device(v) for k, v in hash_ids.items()}
+        else:
+            (x, y, doc_starts), hash_ids = self.batcher.batch_with_boundaries(self.step), None
         x, y, doc_starts = self._to_device(x), self._to_device(y), self._to_device(doc_starts)
         n = self.config.grad_accum
         total = torch.zeros((), device=self.device)
         for i in range(n):  # micro-batches of B / n rows: the mean over all B rows, accumulated
             part = slice(i * x.shape[0] // n, (i + 1) * x.shape[0] // n)
-            loss = self._loss(x[part], y[part], None if doc_starts is None else doc_starts[part]) / n
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with self.micro_batch(i, n):
+                loss = self._loss(x[part], y[part], None if doc_starts is None else doc_starts[part],
+                                  None if hash_ids is None else {k: v[part] for k, v in hash_ids.items()}) / n
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
-        clip_gradients(self.params, self.config.grad_clip)
+        self.clip_gradients()
         for opt in self.optimizers:
             self.scaler.step(opt) if self.scaler else opt.step()
         if self.scaler:
@@ -364,7 +395,7 @@ class Trainer:
             end.record()
         self._pending.append((total, start if timed else None, end if timed else None, t0))
         self.step += 1
-        self.tokens += x.numel()
+        self.tokens += x.numel() * self.world_size
         if len(self._pending) >= self.sync_every:
             self.sync()
         return self.losses[-1] if self.losses else float("nan")
@@ -525,6 +556,7 @@ def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
     bar = tqdm(total=total, initial=trainer.step, desc=trainer.name, disable=not progress_bar,
                unit="step", dynamic_ncols=True)
     saved_at = -1
+    stopping: int | None = None  # the signal all processes stop on
 
     def save_now() -> None:
         nonlocal saved_at
@@ -539,7 +571,8 @@ def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
                 # run makes it here too, so the resumed curve is the same.
                 if trainer.eval_data and trainer.eval_due():
                     bar.set_postfix_str(f"val {trainer.evaluate():.3f}", refresh=False)
-                if trainer.done or stop.signum is not None:
+                stopping = trainer.agreed_stop(stop.signum)
+                if trainer.done or stopping is not None:
                     break
                 loss = trainer.train_step()
                 bar.update(1)
@@ -549,14 +582,14 @@ def run_training(trainer: Trainer, save: Callable[[Trainer], Any] | None = None,
                 if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and not trainer.done:
                     save_now()
             bar.close()
-            if stop.signum is not None:
-                print(f"\n{signal.Signals(stop.signum).name} at step {trainer.step}: "
+            if stopping is not None:
+                print(f"\n{signal.Signals(stopping).name} at step {trainer.step}: "
                       + ("saving a checkpoint first" if save is not None else "stopping"), file=sys.stderr)
             save_now()
         finally:
             bar.close()
-        if stop.signum is not None and not trainer.done:
-            raise TrainingInterrupted(stop.signum, trainer.step)
+        if stopping is not None and not trainer.done:
+            raise TrainingInterrupted(stopping, trainer.step)
     return trainer.summary()
 
 

@@ -197,6 +197,37 @@ def test_variant_overrides_and_sweep_variants():
         sweep_variants("variant", ["turbo"])
 
 
+def test_allocation_sweep_keeps_the_total_and_gives_tables_the_share(tmp_path, text_file):
+    """The paper's U-curve axis: at a fixed total (the baseline's parameters), share s goes to the
+    tables and the dense model narrows to fit; the runs' real counts say so."""
+    import argparse
+
+    from engram.cli import sweep
+
+    p = argparse.ArgumentParser()
+    sweep.add_arguments(p)
+    args = p.parse_args(["--axis", "allocation", "--values", "0.2", *TINY])
+    plans = [sweep.allocation_variant(args, s, 300)[1] for s in (0.1, 0.3, 0.6)]
+    assert [q["dim"] for q in plans] == sorted((q["dim"] for q in plans), reverse=True)  # more tables, narrower
+    for q in plans:  # the width grid (multiples of 2 x heads) decides how near the share can get
+        assert q["table_share"] == pytest.approx(q["share"], abs=0.12)
+        assert q["dense_params"] + q["table_params"] == pytest.approx(q["total_params"], rel=0.02)
+    with pytest.raises(ValueError, match="share in"):
+        sweep.allocation_variant(args, 1.2, 300)
+    out = tmp_path / "alloc"
+    assert main(["sweep", "--axis", "allocation", "--values", "0.3", "--data", str(text_file), "--steps", "2",
+                 "--seeds", "0", "--timing-rounds", "1", "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    base, alloc = report["runs"][0], report["runs"][1]
+    total = base["params_dense"]
+    assert base["params_table"] == 0
+    # each head's table is the next prime above the planned rows: a few % more at this tiny size
+    assert alloc["params_dense"] + alloc["params_table"] == pytest.approx(total, rel=0.06)
+    plan = sweep.allocation_variant(args, 0.3, 300)[1]
+    assert alloc["params_table"] / total == pytest.approx(plan["table_share"], abs=0.06)  # primes, tiny tables
+    assert json.loads((out / "sweep.json").read_text())["rows"][0]["value"] == "0.3"
+
+
 def test_sweep_over_table_size_writes_its_table_and_plot(tmp_path, text_file, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "--axis", "table-size", "--values", "50,200", "--data", str(text_file), "--steps", "4",

@@ -63,8 +63,11 @@ class EngramCacheLayer(DummyLayer):
         for state in self.layers.values():
             state.keep = self._record
 
-    def activate_past_recording(self) -> None:
-        """Keep every history id and conv row until the next :meth:`crop` (transformers protocol)."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Keep every history id and conv row until the next :meth:`crop` (transformers protocol).
+
+        Keyword arguments are the protocol's options for other layer kinds, ignored here (5.25
+        passes ``recurrent_states_to_keep`` for linear-attention layers; Engram keeps all it needs)."""
         self.record_past = True
 
     def layer(self, layer_id: int) -> EngramLayerState:

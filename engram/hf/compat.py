@@ -24,7 +24,10 @@ output field                           the signature of ``GenerationMixin.prepar
 ``GenerationMixin._prepare_cache_for_generation``  the hook where generation creates the cache;
                                        we append the Engram entry there (assisted decoding then
                                        records its past too). Signature ``(generation_config,
-                                       model_kwargs, ...)`` in 5.23 and 5.24.
+                                       model_kwargs, ...)`` in 5.23 to 5.25.
+``Cache.activate_past_recording``      5.25 passes ``recurrent_states_to_keep=`` to every layer
+                                       object (assisted decoding); ``EngramCacheLayer`` takes
+                                       and ignores keyword options.
 =====================================  ===========================================================
 
 Decoder-layer forward pre-hooks (:mod:`engram.hf.families`) touch only ``hidden_states``, the

@@ -8,7 +8,8 @@ Public API::
     MultiHeadEmbedding      flat multi-head table
     Engram                  the branch module (gate, value, short conv; variants by config)
     EngramGPT, GPTConfig    a small decoder-only LM with Engram at chosen blocks
-    EngramTokenizer, EngramModule   the seed documents' names (aliases)
+    EngramTokenizer, EngramModule   the seed documents' names (aliases; also engram.tokenizer,
+                                    engram.modules, OffloadEmbedding, AdapterTokenizer)
     offload, OffloadMultiHeadEmbedding   tables in host RAM or on disk, hot-row cache
 
 Subpackages, each importing only those above it in this list (docs/architecture.md)::
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 # Public names and the module that defines each: imported on first use (PEP 562), so that
 # `import engram` and `engram --help` stay light; `from engram import X` works as usual.
 _EXPORTS = {
+    "AdapterTokenizer": "engram.compat",
     "CompressedTokenizer": "engram.core.tokenizer",
     "Engram": "engram.nn.module",
     "EngramConfig": "engram.config",
@@ -46,6 +48,7 @@ _EXPORTS = {
     "GPTConfig": "engram.models.gpt",
     "MultiHeadEmbedding": "engram.nn.memory",
     "NgramHashMapping": "engram.core.hashing",
+    "OffloadEmbedding": "engram.compat",
     "OffloadMultiHeadEmbedding": "engram.storage.offload",
     "offload": "engram.storage.offload",
 }
@@ -66,7 +69,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from engram.compat import EngramModule, EngramTokenizer
+    from engram.compat import AdapterTokenizer, EngramModule, EngramTokenizer, OffloadEmbedding
     from engram.config import EngramConfig
     from engram.core.hashing import NgramHashMapping
     from engram.core.tokenizer import CompressedTokenizer

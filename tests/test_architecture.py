@@ -21,11 +21,15 @@ RANKS = {
     "engram.demo": 4,
     "engram.compat": 5,
     "engram.training": 5,
+    "engram.interop": 5,
     "engram.hf": 6,
-    "engram.cli": 7,
+    "engram.distributed": 6,
+    "engram.evaluation": 7,
+    "engram.cli": 8,
 }
-# Entry points above every layer: the package itself, its public shim and the Auto-class hook.
-TOP = {"engram", "engram.__main__", "engram.offload", "engram.hf_autoload"}
+# Entry points above every layer: the package itself, its public shims (engram.offload; the seed
+# code's module paths engram.tokenizer and engram.modules) and the Auto-class hook.
+TOP = {"engram", "engram.__main__", "engram.offload", "engram.tokenizer", "engram.modules", "engram.hf_autoload"}
 
 
 def module_name(path: Path) -> str:

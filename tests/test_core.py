@@ -127,8 +127,9 @@ def test_config_seed_spelling_and_roundtrip():
                        n_embed_per_ngram=32, n_head_per_ngram=4)
     assert cfg.engram_vocab_size == [5000, 6000] and cfg.tokenizer_vocab_size == 4096
     assert EngramConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="engram_table_size"):
-        EngramConfig(engram_vocab_size=4096)
+    # The seed's default table size: 5 x 129,280 rows per order (its [129280 * 5] * 2; README, "Seed API").
+    assert EngramConfig(engram_vocab_size=4096).engram_vocab_size == [646400, 646400]
+    assert EngramConfig(engram_vocab_size=4096, max_ngram_size=4).engram_vocab_size == [646400] * 3
     with pytest.raises(ValueError, match="unknown"):
         EngramConfig.from_dict({"hiden_size": 3})
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("engram.cli.prepare", "tokenise large text files into a memory-mapped token directory"),
     "generate": ("engram.cli.generate", "sample text from a checkpoint"),
     "inspect": ("engram.cli.inspect", "gate heatmap, table usage and Engram-off loss"),
+    "eval": ("engram.cli.eval", "lm-evaluation-harness tasks on a checkpoint (needs the eval extra)"),
     "bench": ("engram.cli.bench", "time and memory benchmarks (hashing, lookup, step, decode)"),
     "size": ("engram.cli.size", "size Engram tables for a parameter or memory budget"),
 }

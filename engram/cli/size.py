@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from engram.config import EngramConfig
-from engram.training.sizing import BYTES_PER, count_hf_params, plan_tables
+from engram.training.sizing import BYTES_PER, count_hf_params, plan_per_rank, plan_tables
 
 
 def _parse_count(text: str) -> int:
@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--table-params", type=_parse_count, help="table parameters, e.g. 2B")
     budget.add_argument("--memory", type=_parse_count, help="bytes of table memory, e.g. 16G")
     p.add_argument("--dtype", default="fp32", choices=sorted(BYTES_PER), help="storage dtype for --memory")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="processes the tables are row-sharded over (torchrun): print what each rank holds")
+    p.add_argument("--tokens-per-step", type=_parse_count,
+                   help="with --world-size: global batch in tokens, for the lookups and bytes exchanged per step")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -47,5 +51,13 @@ def run(args: argparse.Namespace) -> int:
                        engram_vocab_size=[2] * (args.max_ngram - 1))
     plan = plan_tables(cfg, base_params=base, engram_share=args.share, table_params=args.table_params,
                        memory_bytes=args.memory, dtype=args.dtype)
-    print(json.dumps(asdict(plan), indent=2) if args.json else plan.summary())
+    if args.world_size < 1:
+        raise SystemExit("engram size: error: --world-size must be >= 1")
+    per_rank = None
+    if args.world_size > 1 or args.tokens_per_step is not None:
+        per_rank = plan_per_rank(plan, args.world_size, args.tokens_per_step, args.dtype)
+    if args.json:
+        print(json.dumps({**asdict(plan), **({"per_rank": asdict(per_rank)} if per_rank else {})}, indent=2))
+    else:
+        print(plan.summary() + (f"\n{per_rank.summary()}" if per_rank else ""))
     return 0

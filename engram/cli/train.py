@@ -11,6 +11,7 @@ SIGINT (Ctrl-C) and SIGTERM stop after the step in progress and save first (exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import uuid
 from pathlib import Path
@@ -55,11 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engram.distributed.env import PeerFailure, init_from_env, launched_by_torchrun  # noqa: PLC0415
     from engram.training.checkpoint import CheckpointWriteError  # noqa: PLC0415
     from engram.training.loop import TrainingInterrupted  # noqa: PLC0415
 
+    args._dist = None  # this rank of a torchrun job (engram.distributed), None in one process
     try:
+        if launched_by_torchrun():  # several processes: dense weights data-parallel, tables row-sharded
+            args._dist = init_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _run(args)
+    except PeerFailure as e:
+        return fail(f"{e}; stopping this rank too (the last complete checkpoint is kept)")
     except (ValueError, TypeError) as e:
         return fail(str(e))
     except CheckpointWriteError as e:
@@ -72,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"engram: interrupted{f' by {e}' if str(e) else ''}; the last complete checkpoint (if any) is kept",
               file=sys.stderr)
         return 143 if str(e) == "SIGTERM" else 130
+    finally:
+        if args._dist is not None:
+            args._dist.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -97,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
                              "checkpoints/ in it); a lone checkpoint can be loaded but not resumed")
         out = run_dir
         args.out = str(out)
-    with RunLock(out):  # checked and locked before any data or training work
+    env = args._dist
+    with RunLock(out) if env is None or env.is_main else contextlib.nullcontext():  # rank 0 holds the lock
         return _train(args, out)
 
 
@@ -180,10 +191,10 @@ def _check_files(files: list[dict[str, Any]] | None, allow_changes: bool) -> lis
     return None if allow_changes or not files else files
 
 
-def _load_for_resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _load_for_resume(args: argparse.Namespace, tables: str = "full") -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from engram.training.checkpoint import load_checkpoint  # noqa: PLC0415
 
-    ck = load_checkpoint(args.resume, load_training_state=True, verify=not args.no_verify)
+    ck = load_checkpoint(args.resume, load_training_state=True, verify=not args.no_verify, tables=tables)
     extra, state = ck.meta["extra"], ck.training_state
     if "data_args" not in extra or not isinstance(state, dict) or "train_config" not in state:
         raise ValueError(f"checkpoint {str(ck.path)!r} was not written by engram train (no run information "
@@ -199,16 +210,46 @@ def _load_for_resume(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dic
     return ck, saved_args, extra
 
 
+def _rank_ordered(env: Any, fn: Any, *a: Any) -> Any:
+    """``fn(*a)`` on rank 0 first (it fills the tokenizer and token caches), then on the other ranks."""
+    if env is None or env.world == 1:
+        return fn(*a)
+    if not env.is_main:
+        env.barrier()
+    out = fn(*a)
+    if env.is_main:
+        env.barrier()
+    return out
+
+
+def _distributed_trainer(env: Any, model: Any, batcher: Any, tcfg: Any, evals: Any, name: str, ck: Any) -> Any:
+    """This rank's :class:`~engram.distributed.trainer.DistributedTrainer`; with a checkpoint ``ck`` (its
+    tables left on meta), its table rows and training state loaded, from any world size."""
+    from engram.distributed.checkpoint import check_reshardable, load_shards, localize_training_state  # noqa: PLC0415
+    from engram.distributed.trainer import DistributedTrainer  # noqa: PLC0415
+
+    if ck is not None:
+        check_reshardable(ck.meta, ck.path, model)
+    trainer = DistributedTrainer(model, batcher, tcfg, env, evals, name=name)
+    if ck is not None:
+        load_shards(trainer.model, ck.path, ck.meta, env)
+        trainer.load_state_dict(localize_training_state(ck.training_state, trainer.model, trainer.optimizers,
+                                                        ck.path, ck.meta, env))
+    return trainer
+
+
 def _train(args: argparse.Namespace, out: Path) -> int:
     from engram.training.checkpoint import (clean_run_dir, is_checkpoint, latest_checkpoint,  # noqa: PLC0415
                                             save_run_checkpoint)
     from engram.training.loop import Trainer, TrainConfig, build_model, run_training, write_json_atomic  # noqa: PLC0415
 
-    for name in clean_run_dir(out):
+    env = args._dist
+    main = env is None or env.is_main
+    for name in clean_run_dir(out) if main else []:
         print(f"engram: removed {name}, left in {out} by an interrupted save", file=sys.stderr)
     data_files = None  # size and SHA-256 of the data files, once verified or computed
     if args.resume:
-        ck, saved_args, extra = _load_for_resume(args)
+        ck, saved_args, extra = _load_for_resume(args, tables="full" if env is None else "skip")
         changes = _check_changes(args, saved_args)
         tcfg_d = dict(ck.training_state["train_config"])
         if args.steps is not None:  # a longer (or shorter) budget never needs --allow-changes
@@ -233,7 +274,8 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             data_files = _check_files(extra.get("data_files"), args.allow_changes)
             print(f"engram: resuming on {', '.join(args.data or [args.dataset])}"
                   + (f" (eval: {', '.join(args.eval_data)})" if args.eval_data else ""), file=sys.stderr)
-        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed, ck.tokenizer)
+        tokenizer, batcher, evals, info = _rank_ordered(env, prepare_data, args, tcfg.batch_size, tcfg.seq_len,
+                                                        tcfg.seed, ck.tokenizer)
         before = extra.get("data") or {}
         for key in ("train_sha256", "eval_sha256"):
             if key in before and before[key] != info[key] and not args.allow_changes:
@@ -251,20 +293,23 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         # Validate the model flags before the (slower) data work.
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=0)
         gpt_config_from_args(args, args.vocab_size, engram)
-        tokenizer, batcher, evals, info = prepare_data(args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        tokenizer, batcher, evals, info = _rank_ordered(env, prepare_data, args, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
         if not args.no_engram:
             resolve_table_size(args, info)
         engram = None if args.no_engram else engram_config_from_args(args, pad_id=pad_id_of(tokenizer))
         model = build_model(gpt_config_from_args(args, len(tokenizer), engram), tokenizer, tcfg.seed)
-        run_id = uuid.uuid4().hex
-        if args.overwrite:
+        run_id = uuid.uuid4().hex if env is None else env.broadcast_object(uuid.uuid4().hex)
+        if args.overwrite and main:
             import shutil  # noqa: PLC0415
 
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     name = "baseline" if model.config.engram is None else "engram"
-    trainer = Trainer(model, batcher, tcfg, evals, name=name, device=device_from_args(args))
-    if args.resume:
-        trainer.load_state_dict(ck.training_state)
+    if env is None:
+        trainer = Trainer(model, batcher, tcfg, evals, name=name, device=device_from_args(args))
+        if args.resume:
+            trainer.load_state_dict(ck.training_state)
+    else:
+        trainer = _distributed_trainer(env, model, batcher, tcfg, evals, name, ck if args.resume else None)
     run_args = {k: _normalise(k, getattr(args, k, None)) for k in MODEL_FLAGS + CHANGEABLE_FLAGS + SOURCE_FLAGS}
     data_args = {k: run_args.get(k, getattr(args, k, None)) for k in _DATA_FLAGS}
 
@@ -273,11 +318,23 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     def save(t: Trainer) -> None:
         state = t.state_dict()
         state["run_id"] = run_id
-        save_run_checkpoint(out, t.model, tokenizer, t.step, state, keep_last=args.keep_checkpoints,
-                            extra={"run_id": run_id, "args": run_args, "data_args": data_args, "step": t.step,
-                                   "data": info, "data_files": data_files})
+        run_extra = {"run_id": run_id, "args": run_args, "data_args": data_args, "step": t.step,
+                     "data": info, "data_files": data_files}
+        if env is None:
+            save_run_checkpoint(out, t.model, tokenizer, t.step, state, keep_last=args.keep_checkpoints, extra=run_extra)
+        else:  # every rank writes its table rows; rank 0 the rest, the manifest and the pointer
+            from engram.distributed.checkpoint import save_sharded_run_checkpoint  # noqa: PLC0415
 
-    summary = run_training(trainer, save=save, progress_bar=not args.no_progress)
+            save_sharded_run_checkpoint(env, out, t.model, t.optimizers, tokenizer, t.step, state, run_extra,
+                                        keep_last=args.keep_checkpoints)
+
+    summary = run_training(trainer, save=save, progress_bar=not args.no_progress and main)
+    if env is None:
+        from engram.distributed.trainer import single_process_memory_report  # noqa: PLC0415
+
+        summary.update(single_process_memory_report(trainer.model))
+    if not main:
+        return 0
     ckpt_dir = latest_checkpoint(out)
     report = {"data": info, "checkpoint": str(ckpt_dir), **summary}
     write_json_atomic(out / "report.json", report)

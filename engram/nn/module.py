@@ -7,7 +7,13 @@ For every position the looked-up memory vector ``e`` (B, T, E) gives a shared va
 ``v = W_V e`` and, per branch i, a key ``k_i = W_K,i e``; the gate is
 ``a_i = sigmoid(signed_sqrt(<RMSNorm(k_i), RMSNorm(h_i)> / sqrt(D)))``; ``u_i = a_i v`` and the
 output is ``Y_i = u_i + SiLU(DepthwiseCausalConv(RMSNorm(u_i)))`` (dilation N, zero-initialised).
-The caller adds ``Y`` to the residual before the layer's attention.
+The caller adds ``Y`` to the residual before the layer's attention (or ``forward(...,
+residual=True)`` returns ``h + Y`` itself, rounded once).
+
+DeepSeek-V4.1's production form is the same formula under four switches (docs/deepseek_v41.md):
+``use_short_conv=False``, ``value_bias=False``, ``fused_kv=True`` (``[k_1..k_M, v] = W_KV e``, one
+matrix) and ``gate_fp32=True`` with ``gate_eps=rms_norm_eps`` (the gate and ``a_i v`` in float32,
+rounded to the hidden dtype once, after ``h + a_i v`` with ``residual=True``).
 
 Nothing here is tuned for one backend: speed comes from ``torch.compile`` of these modules
 (docs/performance.md) and from swapping the table storage (:mod:`engram.storage`).
@@ -53,9 +59,14 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
-def signed_sqrt(z: torch.Tensor) -> torch.Tensor:
-    """``sign(z) * sqrt(max(|z|, 1e-6))``, the reference's squashing of the gate logit."""
-    return z.abs().clamp_min(1e-6).sqrt() * z.sign()
+def signed_sqrt(z: torch.Tensor, copysign: bool = False) -> torch.Tensor:
+    """``sign(z) * sqrt(max(|z|, 1e-6))``, the reference's squashing of the gate logit.
+
+    ``copysign=True``: ``copysign(sqrt(max(|z|, 1e-6)), z)``, DeepSeek-V4.1's kernel; it differs
+    only at ``z = 0`` (``+-1e-3`` there, where ``sign`` gives 0).
+    """
+    root = z.abs().clamp_min(1e-6).sqrt()
+    return torch.copysign(root, z) if copysign else root * z.sign()
 
 
 class ContextGate(nn.Module):
@@ -64,16 +75,25 @@ class ContextGate(nn.Module):
     Parameter-free (the norm weights are the Engram module's, so checkpoints keep their names);
     a submodule of its own so the per-token gate values can be read with an ordinary forward
     hook (``engram inspect`` does): ``engram.context_gate.register_forward_hook(...)``.
-    RMSNorm uses torch's default eps for the input dtype, as the reference's ``nn.RMSNorm()``.
+    RMSNorm uses ``eps`` (``None``: torch's default for the input dtype, as the reference's
+    ``nn.RMSNorm()``); ``copysign`` selects V4.1's signed sqrt (:func:`signed_sqrt`). The gate
+    runs in the dtype of its inputs (the Engram module passes float32 ones for ``gate_fp32``).
     """
+
+    def __init__(self, eps: float | None = None, copysign: bool = False):
+        super().__init__()
+        self.eps, self.copysign = eps, copysign
 
     def forward(self, k: torch.Tensor, h: torch.Tensor, key_norm_weight: torch.Tensor,
                 query_norm_weight: torch.Tensor) -> torch.Tensor:
         D = h.shape[-1]
-        k_hat = F.rms_norm(k, (D,)) * key_norm_weight  # (B, T, M, D)
-        h_hat = F.rms_norm(h, (D,)) * query_norm_weight  # (B, T, M, D)
+        k_hat = F.rms_norm(k, (D,), eps=self.eps) * key_norm_weight  # (B, T, M, D)
+        h_hat = F.rms_norm(h, (D,), eps=self.eps) * query_norm_weight  # (B, T, M, D)
         z = (k_hat * h_hat).sum(-1, keepdim=True) / math.sqrt(D)  # (B, T, M, 1)
-        return torch.sigmoid(signed_sqrt(z))
+        return torch.sigmoid(signed_sqrt(z, self.copysign))
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, copysign={self.copysign}"
 
 
 class ShortConv(nn.Module):
@@ -142,7 +162,10 @@ class Engram(nn.Module):
 
     ``forward(hidden_states, hash_ids, state=None)``: hidden states ``(B, T, D)`` or
     ``(B, T, M, D)``, hash ids ``(B, T, H)`` -> branch output of the same shape as the hidden
-    states. Add it to the residual.
+    states. Add it to the residual (or pass ``residual=True`` to get ``h + Y``).
+
+    Projections: ``key_proj`` ``E -> M*D`` and ``value_proj`` ``E -> D``, or with ``fused_kv`` one
+    ``wkv`` ``E -> (M+1)*D`` whose output rows are the M keys and then the value.
     """
 
     def __init__(self, config: EngramConfig, layer_id: int, table_sizes: list[list[int]] | list[int],
@@ -164,13 +187,18 @@ class Engram(nn.Module):
             self.lite_scale = nn.Parameter(torch.full((), float(config.lite_scale_init), device=device))
             return
         self.memory = MultiHeadEmbedding(flat, config.head_dim, sparse=config.sparse_grad, device=table_device)
-        self.value_proj = nn.Linear(E, D, bias=config.value_bias, device=device)
+        if config.fused_kv:
+            # Keys and value in one matmul: (B, T, E) -> (B, T, (M+1)*D), keys first (V4.1's wkv).
+            self.wkv = nn.Linear(E, (M + 1) * D, bias=config.value_bias, device=device)
+        else:
+            self.value_proj = nn.Linear(E, D, bias=config.value_bias, device=device)
         if config.use_gate:
-            # All M keys in one matmul: (B, T, E) -> (B, T, M*D).
-            self.key_proj = nn.Linear(E, M * D, bias=config.value_bias, device=device)
+            if not config.fused_kv:
+                # All M keys in one matmul: (B, T, E) -> (B, T, M*D).
+                self.key_proj = nn.Linear(E, M * D, bias=config.value_bias, device=device)
             self.key_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
             self.query_norm_weight = nn.Parameter(torch.ones(M, D, device=device))
-            self.context_gate = ContextGate()
+            self.context_gate = ContextGate(config.gate_eps, copysign=config.gate_fp32)
         if config.use_short_conv:
             self.short_conv = ShortConv(D, M, config.kernel_size, config.conv_dilation, config.conv_norm_eps).to(device)
         self.reset_parameters()
@@ -185,12 +213,18 @@ class Engram(nn.Module):
         if cfg.lite:
             init.constant_(self.lite_scale, float(cfg.lite_scale_init))
             return
-        for lin in [self.value_proj] + ([self.key_proj] if cfg.use_gate else []):  # nn.Linear's own init
+        for lin in self._projections():  # nn.Linear's own init
             init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
             if lin.bias is not None:
                 bound = 1 / math.sqrt(lin.in_features)
                 init.uniform_(lin.bias, -bound, bound)
-        if cfg.zero_init_output:
+        if cfg.zero_init_output and cfg.fused_kv:  # the value's rows of wkv: the last D
+            value_rows = cfg.hc_mult * cfg.hidden_size
+            with torch.no_grad():
+                init.zeros_(self.wkv.weight[value_rows:])
+                if self.wkv.bias is not None:
+                    init.zeros_(self.wkv.bias[value_rows:])
+        elif cfg.zero_init_output:
             init.zeros_(self.value_proj.weight)
             if self.value_proj.bias is not None:
                 init.zeros_(self.value_proj.bias)
@@ -198,19 +232,42 @@ class Engram(nn.Module):
             init.ones_(self.key_norm_weight)
             init.ones_(self.query_norm_weight)
 
+    def _projections(self) -> list[nn.Linear]:
+        if self.config.fused_kv:
+            return [self.wkv]
+        return [self.value_proj] + ([self.key_proj] if self.config.use_gate else [])
+
+    def project(self, e: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Memory vector ``e`` ``(B, T, E)`` -> keys ``(B, T, M, D)`` (``None`` without the gate)
+        and the shared value ``(B, T, 1, D)``."""
+        cfg = self.config
+        B, T, _ = e.shape
+        M, D = cfg.hc_mult, cfg.hidden_size
+        if cfg.fused_kv:
+            kv = self.wkv(e)  # (B, T, (M+1)*D)
+            k, v = kv.split([M * D, D], dim=-1)  # (B, T, M*D), (B, T, D)
+            return k.unflatten(-1, (M, D)), v.unsqueeze(2)  # (B, T, M, D), (B, T, 1, D)
+        v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
+        k = self.key_proj(e).view(B, T, M, D) if cfg.use_gate else None  # (B, T, M, D)
+        return k, v
+
     def lookup(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """``(B, T, H)`` hash ids -> memory vector ``e`` ``(B, T, H*d)``."""
         return self.memory(hash_ids).flatten(-2)  # (B, T, E)
 
     def forward(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor,
-                state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Branch output ``Y``, same shape as ``hidden_states``.
+                state: EngramLayerState | None = None, token_mask: torch.Tensor | None = None,
+                residual: bool = False) -> torch.Tensor:
+        """Branch output ``Y`` (or ``h + Y`` with ``residual``), same shape as ``hidden_states``.
 
         Args:
             hidden_states: ``(B, T, D)`` (hc_mult 1) or ``(B, T, M, D)``.
             hash_ids: ``(B, T, H)`` per-head rows from :meth:`NgramHashMapping.hash`.
             state: decode state; when given, the conv continues from it and it is updated.
             token_mask: ``(B, T)`` bool, False at padding (kept out of the conv history).
+            residual: return ``h + Y``, added before the one rounding to the hidden dtype (with
+                ``gate_fp32``, V4.1's ``(h + a v)`` in float32 then rounded: one rounding where
+                adding the returned branch costs two).
         """
         cfg = self.config
         h = self._check(hidden_states, hash_ids)  # (B, T, M, D)
@@ -218,15 +275,21 @@ class Engram(nn.Module):
         e = self.lookup(hash_ids).to(h.dtype)  # (B, T, E)
         if cfg.lite:
             y = (self.lite_scale * e.view(B, T, -1, D).sum(2)).unsqueeze(2).expand(B, T, M, D)  # (B, T, M, D)
-            return y.reshape(hidden_states.shape)
-        v = self.value_proj(e).unsqueeze(2)  # (B, T, 1, D)
+            return (h + y if residual else y).reshape(hidden_states.shape)
+        k, v = self.project(e)  # (B, T, M, D) or None, (B, T, 1, D)
+        if cfg.gate_fp32:  # V4.1: from here on float32, rounded to the hidden dtype once at the end
+            h, v = h.float(), v.float()
+            k = k.float() if k is not None else None
         if cfg.use_gate:
-            k = self.key_proj(e).view(B, T, M, D)  # (B, T, M, D)
             a = self.context_gate(k, h, self.key_norm_weight, self.query_norm_weight)  # (B, T, M, 1)
             u = a * v  # (B, T, M, D)
         else:
             u = v.expand(B, T, M, D)
         y = u + self.short_conv(u, state, token_mask) if cfg.use_short_conv else u  # (B, T, M, D)
+        if residual:
+            y = h + y  # (B, T, M, D)
+        if cfg.gate_fp32:
+            y = y.to(hidden_states.dtype)  # the one rounding
         return y.reshape(hidden_states.shape)
 
     def _check(self, hidden_states: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
@@ -246,7 +309,7 @@ class Engram(nn.Module):
             )
         if hash_ids.ndim != 3 or hash_ids.shape[:2] != (B, T):
             raise ValueError(f"hash_ids must be (B, T, H)=({B}, {T}, H), got {tuple(hash_ids.shape)}")
-        weight = self.lite_scale if cfg.lite else self.value_proj.weight
+        weight = self.lite_scale if cfg.lite else self._projections()[0].weight
         if hidden_states.dtype != weight.dtype and not _autocast_on(hidden_states.device.type):
             raise TypeError(
                 f"hidden_states are {hidden_states.dtype} but the Engram weights are {weight.dtype}: cast one to "

@@ -51,6 +51,7 @@ import torch
 from engram.models.gpt import EngramGPT, GPTConfig
 from engram.core.hashing import check_same_compression
 from engram.core.tokenizer import CompressedTokenizer
+from engram.training.shards import fill_full_state, is_sharded, load_full_tables
 
 FORMAT_NAME = "engram-checkpoint"
 #: 2: ``manifest.json`` with the size and SHA-256 of every file. 1 (no manifest) still loads, unverified.
@@ -288,8 +289,9 @@ def clean_siblings(target: str | os.PathLike[str]) -> list[Path]:
 
 def save_run_checkpoint(run_dir: str | os.PathLike[str], model: EngramGPT, tokenizer: Any, step: int,
                         training_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                        keep_last: int = 2) -> Path:
-    """Save ``DIR/checkpoints/step-<step>``, point ``latest`` at it, keep the newest ``keep_last``."""
+                        keep_last: int = 2, extra_dirs: dict[str, Path] | None = None) -> Path:
+    """Save ``DIR/checkpoints/step-<step>``, point ``latest`` at it, keep the newest ``keep_last``
+    (``extra_dirs``: as :func:`save_checkpoint`)."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} must be >= 1")
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -298,7 +300,7 @@ def save_run_checkpoint(run_dir: str | os.PathLike[str], model: EngramGPT, token
     while (root / name).exists():  # a second save at the same step (e.g. Ctrl-C right after a periodic save)
         n += 1
         name = f"step-{step:08d}-r{n}"
-    path = save_checkpoint(root / name, model, tokenizer, training_state, extra)
+    path = save_checkpoint(root / name, model, tokenizer, training_state, extra, extra_dirs)
     _write_pointer(root, name)
     for old in run_checkpoints(run_dir)[:-keep_last]:
         if old != path:
@@ -369,7 +371,8 @@ def _free_bytes(path: Path) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: EngramGPT, tokenizer: Any,
-                    training_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+                    training_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    extra_dirs: dict[str, Path] | None = None) -> Path:
     """Write a checkpoint directory: complete (with its manifest) or not at all.
 
     Replaces an older checkpoint at ``path``. Raises ``ValueError`` if ``path`` exists, is not
@@ -406,6 +409,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: EngramGPT, tokenizer: A
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
+        for name, src in (extra_dirs or {}).items():  # written elsewhere (table shards): moved in, then covered by the manifest
+            os.replace(src, tmp / name)
         write_manifest(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -455,9 +460,13 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = False,
-                    map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+                    map_location: str | torch.device = "cpu", verify: bool = True, tables: str = "full") -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`, or a run directory's latest one
     (:func:`resolve_checkpoint_dir`).
+
+    Tables saved row-sharded by several processes (``tables/``, :mod:`engram.training.shards`) are
+    read back whole. ``tables="skip"`` reads no table rows: the tables stay on ``meta`` and the model
+    on the CPU, for a caller that loads only its own rows (``engram.distributed.checkpoint``).
 
     Raises ``ValueError`` for a missing, incomplete, corrupt (files differing from the manifest;
     ``verify=False`` checks sizes only, not SHA-256) or other-version checkpoint and for a
@@ -490,21 +499,38 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
             raise ValueError(f"checkpoint {str(root)!r} is corrupt: bad hashing state ({e})") from e
         if tokenizer is not None:
             check_same_compression(compressed, tokenizer, f"checkpoint {str(root)!r}")
-    model = EngramGPT(gcfg, compressed)
+    if tables not in ("full", "skip"):
+        raise ValueError(f"tables={tables!r} must be 'full' or 'skip'")
+    skip, sharded = tables == "skip", is_sharded(meta)
+    model = EngramGPT(gcfg, compressed, table_device="meta" if skip else None)
+    table_ids = {id(p) for p in model.table_parameters()}
+    table_names = {n for n, p in model.named_parameters() if id(p) in table_ids}
     if model.hashing is not None:
         model.hashing.check_same_as_saved(meta["hashing"], f"checkpoint {str(root)!r}")
     weights = root / WEIGHTS_FILE
     if not weights.exists():
         raise ValueError(f"checkpoint {str(root)!r} is incomplete: no {WEIGHTS_FILE}")
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        if skip:  # the dense weights only: table rows are never read
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(str(weights), framework="pt") as f:
+                dense = {k: f.get_tensor(k) for k in f.keys() if k not in table_names}
+            missing, unexpected = model.load_state_dict(dense, strict=False)
+        else:
+            missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(root)!r} is corrupt: cannot read {WEIGHTS_FILE} ({e})") from e
     tied = {"lm_head.weight", "wte.weight"} if gcfg.tie_embeddings else set()
+    if skip or sharded:  # the tables are not in model.safetensors, or not read from it
+        tied |= table_names
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint {str(root)!r} does not match its config: missing {sorted(set(missing) - tied)}, "
                          f"unexpected {sorted(unexpected)}")
-    model.to(map_location)
+    if sharded and not skip:
+        load_full_tables(model, root)
+    if not skip:
+        model.to(map_location)
     state = None
     if load_training_state:
         sp = root / STATE_FILE
@@ -514,6 +540,8 @@ def load_checkpoint(path: str | os.PathLike[str], load_training_state: bool = Fa
             state = torch.load(sp, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - pickle/zip errors come in many types
             raise ValueError(f"checkpoint {str(root)!r} is corrupt: cannot read {STATE_FILE} ({e})") from e
+        if sharded and not skip:
+            fill_full_state(state, model, root)
     return Checkpoint(model, tokenizer, meta, state, root)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Callable
 
 import torch
@@ -244,15 +244,21 @@ def summed_rows(grad: torch.Tensor, static_shape: bool | None = None
     return rows, values, live
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    sharded: Collection[int] = (), shard_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also accepts sparse (table) gradients.
 
     The total norm counts every stored value of a sparse gradient once after coalescing
     (duplicate rows summed, as the optimizer will apply them); all gradients, dense and sparse,
     are scaled by the same factor. Returns the total norm before clipping.
+    With ``shard_sum`` (several processes, ``engram.distributed``): the parameters whose ``id`` is
+    in ``sharded`` hold disjoint rows on each process, so their ``sum |g|^p`` is summed over the
+    processes by ``shard_sum`` (an all-reduce, called on every process); the others are the same
+    everywhere and count once.
     """
     params = [p for p in parameters if p.grad is not None]
-    if not params:
+    if not params and shard_sum is None:
         return torch.zeros(())
     norms = []
     for p in params:
@@ -262,7 +268,14 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
             norms.append(torch.linalg.vector_norm(summed_rows(p.grad)[1], norm_type))
         else:
             norms.append(torch.linalg.vector_norm(p.grad, norm_type))
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    if shard_sum is None:
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+    else:  # total^p = sum_replicated |g|^p + sum over processes of sum_sharded |g|^p
+        rep = [n.pow(norm_type) for p, n in zip(params, norms) if id(p) not in sharded]
+        mine = [n.pow(norm_type) for p, n in zip(params, norms) if id(p) in sharded]
+        dev = norms[0].device if norms else torch.device("cpu")
+        part = torch.stack([n.to(dev) for n in mine]).sum() if mine else torch.zeros((), device=dev)
+        total = (sum((n.to(dev) for n in rep), torch.zeros((), device=dev)) + shard_sum(part)).pow(1.0 / norm_type)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad.is_sparse:

@@ -38,6 +38,54 @@ class SizingPlan:
         )
 
 
+@dataclass
+class RankPlan:
+    """Per-rank share of a :class:`SizingPlan` when the tables are row-sharded over ``world_size``
+    processes (``engram.distributed``, docs/distributed.md): every head is cut in ``world_size`` pieces
+    of ``ceil(rows / world_size)`` rows, so each rank holds about 1/N of every table."""
+
+    world_size: int
+    rows_per_rank: int
+    table_bytes_per_rank: dict[str, int]
+    adam_state_bytes_per_rank: int
+    lookups_per_step_per_rank: int | None
+    exchange_bytes_per_step_per_rank: int | None
+
+    def summary(self) -> str:
+        gib = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in self.table_bytes_per_rank.items())
+        out = (f"per rank ({self.world_size} ranks): {self.rows_per_rank:,} rows, table {gib}, "
+               f"lazy-Adam state up to {self.adam_state_bytes_per_rank / 2**30:.2f} GiB (fp32 moments)")
+        if self.exchange_bytes_per_step_per_rank is not None:
+            out += (f"\nlookups per step per rank: {self.lookups_per_step_per_rank:,}; sent per step per rank "
+                    f"(ids, rows, row gradients; at most): {self.exchange_bytes_per_step_per_rank / 2**20:,.1f} MiB")
+        return out
+
+
+def plan_per_rank(plan: SizingPlan, world_size: int, tokens_per_step: int | None = None,
+                  dtype: str = "fp32") -> RankPlan:
+    """Split ``plan`` over ``world_size`` ranks. With ``tokens_per_step`` (the global batch in tokens),
+    also the lookups and the bytes each rank sends per step, before de-duplication:
+    ``lookups = tokens / N * heads * layers``; ``bytes = lookups * (N-1)/N * (8 + 2 * d * itemsize)``
+    (an int64 id out, a row back, its gradient back to the owner)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if dtype not in BYTES_PER:
+        raise ValueError(f"dtype must be one of {sorted(BYTES_PER)}, got {dtype!r}")
+    cfg = EngramConfig.from_dict(plan.config)
+    layers, heads, d = len(cfg.layer_ids), cfg.n_heads_total, cfg.head_dim
+    rows_per_rank = layers * heads * -(-plan.rows_per_head // world_size)
+    lookups = exchange = None
+    if tokens_per_step is not None:
+        if tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        lookups = -(-tokens_per_step // world_size) * heads * layers
+        exchange = int(lookups * (world_size - 1) / world_size * (8 + 2 * d * BYTES_PER[dtype]))
+    return RankPlan(world_size=world_size, rows_per_rank=rows_per_rank,
+                    table_bytes_per_rank={k: rows_per_rank * d * b for k, b in BYTES_PER.items()},
+                    adam_state_bytes_per_rank=rows_per_rank * d * 8, lookups_per_step_per_rank=lookups,
+                    exchange_bytes_per_step_per_rank=exchange)
+
+
 def projection_params(cfg: EngramConfig) -> int:
     """Dense parameters of one Engram layer (value/key projections, norms, conv)."""
     D, M, E = cfg.hidden_size, cfg.hc_mult, cfg.memory_dim

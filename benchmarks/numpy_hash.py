@@ -1,5 +1,12 @@
 """NumPy N-gram hashing as DeepSeek's demo writes it: the speed baseline of the hash paths.
 
+The demo's ``NgramHashMapping._get_ngram_hashes`` statement for statement (``np.pad`` shifted
+copies, each order's mix from scratch, one ``mix % int(mod)`` per head, ``np.stack``); its
+compression step is the plain table gather, which is faster than the demo's masked copy, so the
+baseline is at least as fast as the demo. Measured beside a verbatim copy of the demo's two
+functions in one process: same outputs, 0.97x its time. Its speed depends on the allocator
+state (page faults on fresh temporaries), which perf_targets.py's ``bench_hash`` pins.
+
 Self-contained (only public attributes of a mapping), so perf_targets.py measures the code before
 and after a change against the very same baseline; ``engram bench`` uses its own copy,
 :func:`engram.cli.bench.numpy_hash`, written the same way.

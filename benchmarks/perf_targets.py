@@ -8,7 +8,8 @@ Model: the study default (``engram.cli.flags.DEFAULTS``): GPTConfig(vocab 4096, 
 n_head 4, n_embd 128, block_size 256) with Engram at block 1, (2,3)-grams x 4 heads,
 n_embed_per_ngram 128, 20,000 base rows per head; batch (16, 128). The table section compares
 5,003 (1x) with 500,009 (100x) base rows per head; the hash section uses EngramConfig's defaults
-(2 layers of (2,3)-grams x 8 heads) on ids (8, 4096).
+(2 layers of (2,3)-grams x 8 heads) on ids (8, 4096) (see :func:`bench_hash`; ``--threads 1`` for
+one thread against NumPy's one).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def tokenizer():
 
 
 def bench_hash(tok, reps: int) -> dict:
+    """Hashing ids (8, 4096) with EngramConfig's defaults (2 layers, (2,3)-grams x 8 heads).
+
+    ``speedup``: ``mapping.hash`` (compression + the C kernel, with torch's threads: ``--threads``)
+    over NumPy as DeepSeek's demo writes it (benchmarks/numpy_hash.py), bit-exact. On the same
+    compressed ids, the kernel alone against ``torch.compile`` of the formula (a fast path stays
+    only while it beats that) and the eager formula.
+    """
+    from engram.ops.hash import barrett_magic, hash_ngrams, hash_ngrams_reference
+
     cfg = EngramConfig()  # 2 layers, (2,3)-grams x 8 heads, default tables
     m = NgramHashMapping(cfg, tok)
     ids = np.random.default_rng(0).integers(0, 4096, size=(8, 4096), dtype=np.int64)
@@ -50,10 +60,28 @@ def bench_hash(tok, reps: int) -> dict:
     ref = numpy_hash_from_mapping(m, ids)
     got = m.hash(t_ids)
     exact = all(np.array_equal(ref[l], got[l].numpy()) for l in ref)
-    med = interleaved({"numpy": lambda: numpy_hash_from_mapping(m, ids), "engram": lambda: m.hash(t_ids)}, reps)
+    # The same work as tensors: compressed ids after a pad-filled history, (L, N) multipliers, (L, H) primes.
+    full = torch.cat([m.initial_history(8), m.compress(t_ids)], dim=1)  # (B, N-1+T)
+    mult = torch.tensor([m.multipliers[l] for l in m.layer_ids])  # (L, N)
+    primes = torch.tensor([[p for order in m.table_sizes[l] for p in order] for l in m.layer_ids])  # (L, H)
+    magic = barrett_magic(primes)
+    formula = hash_ngrams_reference(full, mult, primes)  # (L, B, T, H)
+    compiled = torch.compile(hash_ngrams_reference)
+    exact = exact and torch.equal(compiled(full, mult, primes), formula) \
+        and torch.equal(hash_ngrams(full, mult, primes, magic, backend="kernel"), formula)
+    # glibc hands blocks above its mmap threshold back to the OS on free; the threshold starts at
+    # 128 KiB and rises to the largest such block freed. Until something frees a large block, each
+    # of NumPy's 256 KiB temporaries is a fresh mapping (~2000 page faults per call, 2-3x slower).
+    # Freeing one 30 MiB block first puts the baseline at its fastest whatever ran before.
+    np.empty(30 << 20, dtype=np.uint8)
+    med = interleaved({"numpy": lambda: numpy_hash_from_mapping(m, ids), "engram": lambda: m.hash(t_ids),
+                       "kernel": lambda: hash_ngrams(full, mult, primes, magic, backend="kernel"),
+                       "compiled_formula": lambda: compiled(full, mult, primes),
+                       "formula": lambda: hash_ngrams_reference(full, mult, primes)}, reps)
     n = ids.size
-    return {"bit_exact": exact, "numpy_mtok_s": n / med["numpy"] / 1e6, "engram_mtok_s": n / med["engram"] / 1e6,
-            "speedup": med["numpy"] / med["engram"]}
+    return {"bit_exact": exact, "torch_threads": torch.get_num_threads(),
+            **{f"{k}_mtok_s": n / v / 1e6 for k, v in med.items()},
+            "speedup": med["numpy"] / med["engram"], "kernel_vs_compiled": med["compiled_formula"] / med["kernel"]}
 
 
 def gpt(tok, rows: int | None, sparse: bool | None = None, width: int = 128) -> EngramGPT:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engram import EngramConfig
+from engram.config import next_unused_prime
 from engram.core.hashing import NgramHashMapping
 from engram.ops import cpu
 from engram.ops.hash import barrett_magic, hash_ngrams, hash_ngrams_reference
@@ -158,10 +159,64 @@ def test_hash_constants_survive_dtype_and_device_casts():
 
 
 # ------------------------------------------------------------------------------------ the C kernel
-def test_kernel_modulo_equals_torch_remainder_on_adversarial_int64(kernels):
+def _primes_after(start: int, n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        out.append(next_unused_prime(out[-1] if out else start, set()))
+    return out
+
+
+# Both of the kernel's residue paths: doubles (bulk calls, primes < 2^30; exact only below that
+# bound, so the primes just under and over it matter) and Barrett (decode steps, larger primes).
+RESIDUE_PRIMES = [2, 3, 211, 646_403, 2**20 + 7, 2**31 - 1, 2**34 - 41, 2**61 - 1, 2**63 - 25,
+                  *_primes_after(2**30 - 300, 4), *_primes_after(2**30, 2)]
+
+
+@pytest.mark.parametrize("method", ["double", "barrett"])
+def test_kernel_modulo_equals_torch_remainder_on_adversarial_int64(kernels, method):
     x = adversarial_mixes()
-    for p in (2, 3, 211, 646_403, 2**31 - 1, 2**34 - 41, 2**61 - 1, 2**63 - 25):
-        assert torch.equal(cpu.residues(x, torch.tensor(p)), torch.remainder(x, p)), p
+    g = torch.Generator().manual_seed(1)
+    for p in RESIDUE_PRIMES:
+        k = torch.randint(-(2**62) // p, 2**62 // p, (500,), generator=g)
+        xs = torch.cat([x, k * p, k * p - 1, k * p + 1, k * p + p // 2])  # multiples of p and their neighbours
+        assert torch.equal(cpu.residues(xs, p, method), torch.remainder(xs, p)), (p, method)
+    with pytest.raises(ValueError, match="prime"):
+        cpu.residues(x, 0)
+    with pytest.raises(ValueError, match="method"):
+        cpu.residues(x, 3, "fast")
+
+
+@pytest.mark.parametrize("max_ngram,heads", [(2, 1), (3, 3), (3, 8), (4, 9), (3, 16)])
+def test_bulk_kernel_paths_equal_the_formula(kernels, max_ngram, heads):
+    """Every shape the blocked kernel distinguishes: heads that fill 0, 1 or 2 vectors and a part
+    of one, positions across its 256-position blocks and the 64-position switch to doubles,
+    orders whose primes straddle 2^30 (one order on Barrett, the other on doubles), document
+    starts, and time slices (the threaded split), against the formula."""
+    g = torch.Generator().manual_seed(max_ngram * 100 + heads)
+    O, L = max_ngram - 1, 2
+    small = [_primes_after(5003 + 1000 * i, heads) for i in range(L * O)]
+    near = [_primes_after(2**30 - 20 * heads * (i + 1), heads) for i in range(L * O)]
+    big = [_primes_after(2**30 + 1000 * i, heads) for i in range(L * O)]
+    tables = {"small": small, "near_2^30": near, "mixed": [big[i] if i % O == 0 else small[i] for i in range(L * O)]}
+    mult = torch.randint(INT64_MIN, INT64_MAX, (L, max_ngram), generator=g) | 1
+    for name, rows in tables.items():
+        primes = torch.tensor([sum(rows[l * O:(l + 1) * O], []) for l in range(L)])  # (L, H)
+        for B, T in ((1, 63), (1, 64), (2, 257), (3, 600)):
+            full = torch.randint(-(2**40), 2**40, (B, O + T), generator=g)
+            starts = torch.rand(B, T, generator=g) < 0.05
+            for st in (None, starts):
+                want = hash_ngrams_reference(full, mult, primes, st, pad_id=5)
+                got = hash_ngrams(full, mult, primes, barrett_magic(primes), "kernel", st, 5)
+                assert torch.equal(got, want), (name, B, T, st is None)
+                reps = -(-cpu.PARALLEL_MIN_TOKENS // (B * T))  # enough rows for the threaded split
+                n = torch.get_num_threads()
+                torch.set_num_threads(3)  # three time slices, hashed by the pool
+                try:
+                    sliced = cpu.hash_ngrams(full.repeat(reps, 1), mult, primes, barrett_magic(primes),
+                                             None if st is None else st.repeat(reps, 1), 5)
+                finally:
+                    torch.set_num_threads(n)
+                assert torch.equal(sliced, want.repeat(1, reps, 1, 1)), (name, B, T, st is None)
 
 
 @pytest.mark.parametrize("sizes,max_ngram", [((211, 307), 3), ((2**33, 2**34), 3), ((1009, 1013, 1019), 4)])

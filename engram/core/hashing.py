@@ -24,46 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from engram.config import EngramConfig
+from engram.config import EngramConfig, prime_table_sizes
 from engram.core.tokenizer import CompressedTokenizer
 from engram.core.validation import check_ids
 from engram.ops import cpu
 from engram.ops.hash import barrett_magic, hash_ngrams, tokens_since_doc_start
 
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin for n < 3.3e24 (covers every int64)."""
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-    for p in small:
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        s += 1
-    for a in small:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def next_unused_prime(start: int, taken: set[int]) -> int:
-    """Smallest prime > ``start`` not in ``taken`` (the reference's ``find_next_prime``)."""
-    candidate = start + 1
-    while not is_prime(candidate) or candidate in taken:
-        candidate += 1
-    return candidate
 
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab: int) -> list[int]:
@@ -75,22 +42,10 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_
 
 
 def head_table_sizes(config: EngramConfig, layer_ids: list[int] | None = None) -> dict[int, list[list[int]]]:
-    """Prime table size of every head: ``{layer_id: [[p per head] per order]}`` (DESIGN.md §2.3)."""
-    taken: set[int] = set()
-    out: dict[int, list[list[int]]] = {}
-    for layer_id in config.layer_ids if layer_ids is None else layer_ids:
-        per_order = []
-        for n in range(2, config.max_ngram_size + 1):
-            start = config.engram_vocab_size[n - 2] - 1
-            heads = []
-            for _ in range(config.n_head_per_ngram):
-                p = next_unused_prime(start, taken)
-                taken.add(p)
-                heads.append(p)
-                start = p
-            per_order.append(heads)
-        out[layer_id] = per_order
-    return out
+    """Prime table size of every head: ``{layer_id: [[p per head] per order]}`` (DESIGN.md §2.3;
+    the walk is :func:`engram.config.prime_table_sizes`, so the config can check row counts)."""
+    return prime_table_sizes(config.engram_vocab_size, config.n_head_per_ngram,
+                             config.layer_ids if layer_ids is None else layer_ids)
 
 
 def resolve_pad_id(pad_id: int | str | None, tokenizer: Any) -> int:

@@ -2,14 +2,17 @@
 
 Shapes: B batch, T time, L Engram layers, N max_ngram_size, H heads per layer.
 
-``csrc/engram_cpu.c`` computes :func:`engram.ops.hash.hash_ngrams_reference` with a Barrett
-modulo instead of a 64-bit division (bulk hashing in data loaders, 4-6x the formula's speed and
-faster than ``torch.compile`` of it), and a decode step's compress + hash + next history in one
-call. Every function here takes and returns tensors; which backend runs is chosen in
-:func:`engram.ops.hash.hash_ngrams` and :meth:`engram.core.hashing.NgramHashMapping.hash_step`.
+``csrc/engram_cpu.c`` computes :func:`engram.ops.hash.hash_ngrams_reference` (bulk hashing in
+data loaders: each ``mix mod p`` exactly in doubles, vectorised over heads, for primes below 2^30,
+else by Barrett reduction; docs/performance.md has the speed against NumPy and ``torch.compile``),
+and a decode step's compress + hash + next history in one call. Every function here takes and
+returns tensors; which backend runs is chosen in :func:`engram.ops.hash.hash_ngrams` and
+:meth:`engram.core.hashing.NgramHashMapping.hash_step`.
 
 Build: ``$CC`` (else ``cc``/``gcc``/``clang``) compiles the source once per (source, compiler,
-flags, CPU) into the kernel cache, a directory this user owns with mode 0700
+flags, CPU) into the kernel cache (in a private temporary directory, then renamed into place, so
+a process never sees a half-written library, and a source edited meanwhile builds under its own
+key), a directory this user owns with mode 0700
 (``kernels/`` under :func:`engram.ops.paths.cache_dir`, e.g. ``~/.cache/engram/kernels``). A library is
 loaded only from there, only if it is a regular file (not a symlink) owned by this user and not
 writable by others, and only if the SHA-256 recorded beside it at build time matches; anything
@@ -44,9 +47,11 @@ log = logging.getLogger(__name__)
 __all__ = ["available", "enabled", "hash_ngrams", "hash_step", "library", "residues"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "engram_cpu.c"
+# -ffp-contract=fast lets the compiler fuse the double residue's multiply-adds (exact either way:
+# csrc/engram_cpu.c, "doubles"); never -ffast-math, which would break it.
 _FLAG_SETS = (
-    ["-O3", "-march=native"],  # this CPU's instruction set
-    ["-O3"],  # a compiler or CPU that refuses the first set
+    ["-O3", "-march=native", "-ffp-contract=fast"],  # this CPU's instruction set
+    ["-O3", "-ffp-contract=fast"],  # a compiler or CPU that refuses the first set
 )
 # From this many tokens the bulk hash splits the time axis over the thread pool.
 PARALLEL_MIN_TOKENS = 8192
@@ -56,10 +61,10 @@ _tried = False
 _on = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 _P, _I, _RC = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {  # name: (argument types, return type)
+_SIGNATURES = {  # name: (argument types, return type); each returns 0, or 2 when out of memory
     "engram_hash_step": ([_I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P], _RC),
-    "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I], None),
-    "engram_mod": ([_I, _P, _P, _P], None),
+    "engram_hash": ([_I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P, _I], _RC),
+    "engram_mod": ([_I, _P, _I, ctypes.c_uint64, _RC, _P], _RC),
 }
 
 
@@ -215,21 +220,34 @@ def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Ten
             _ptr(starts), int(pad_id))
     workers = torch.get_num_threads() if B * T >= PARALLEL_MIN_TOKENS else 1
     if workers < 2:
-        lib.engram_hash(B, T, 0, T, *args)
+        rcs = [lib.engram_hash(B, T, 0, T, *args)]
     else:
         cuts = [T * i // workers for i in range(workers + 1)]
-        list(pool(workers).map(lambda i: lib.engram_hash(B, T, cuts[i], cuts[i + 1], *args), range(workers)))
+        rcs = list(pool(workers).map(lambda i: lib.engram_hash(B, T, cuts[i], cuts[i + 1], *args), range(workers)))
+    if any(rcs):
+        raise MemoryError("engram: the CPU hash kernel could not allocate its scratch buffers")
     return out
 
 
-def residues(mixes: torch.Tensor, primes: torch.Tensor) -> torch.Tensor:
-    """``mixes mod primes`` (int64, same shape, non-negative) by the kernel's modulo; for tests."""
+def residues(mixes: torch.Tensor, prime: int, method: str = "double") -> torch.Tensor:
+    """``mixes mod prime`` (int64, same shape, non-negative) the way the kernel hashes; for tests.
+
+    ``method``: ``"double"`` (the bulk path for primes below 2^30; Barrett above) or ``"barrett"``
+    (a decode step's path, and every order with a prime of 2^30 or more).
+    """
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU hash kernels are not available here")
-    x, p = _cpu_long(mixes), primes.to(torch.long).expand_as(mixes).contiguous()
+    if method not in ("double", "barrett"):
+        raise ValueError(f"method={method!r} must be 'double' or 'barrett'")
+    if not 1 <= int(prime) < 2**63:
+        raise ValueError(f"prime={prime} must be in [1, 2**63)")
+    x = _cpu_long(mixes)
     out = torch.empty_like(x)
-    lib.engram_mod(x.numel(), x.data_ptr(), p.data_ptr(), out.data_ptr())
+    rc = lib.engram_mod(x.numel(), x.data_ptr(), int(prime), (2**64 - 1) // int(prime), method == "double",
+                        out.data_ptr())
+    if rc:
+        raise MemoryError("engram: the CPU hash kernel could not allocate its scratch buffers")
     return out
 
 

@@ -7,10 +7,10 @@ With compressed ids ``x`` and ``x_k`` = x shifted right by k (left-filled with t
 ``mix_n = (x_0*m_0) XOR (x_1*m_1) XOR ... XOR (x_{n-1}*m_{n-1})`` in wrapping int64, and head j of
 order n reads row ``mix_n mod p_{n,j}`` (non-negative). :func:`hash_ngrams_reference` is that
 formula, line for line, on any device. :func:`hash_ngrams` runs the C kernel of
-:mod:`engram.ops.cpu` instead where it applies (CPU int64 ids, kernels built): 4-6x the
-formula's speed on a CPU and faster than ``torch.compile`` of it (docs/performance.md), which
-matters because hashing runs on CPUs in real training (data loader workers). Both are
-bit-identical (tests/test_ops.py).
+:mod:`engram.ops.cpu` instead where it applies (CPU int64 ids, kernels built): several times the
+formula's speed on a CPU, and of ``torch.compile`` of it and of NumPy written as DeepSeek's demo
+writes it (docs/performance.md), which matters because hashing runs on CPUs in real training
+(data loader workers). Both are bit-identical (tests/test_ops.py).
 
 Packed rows (several documents in one training row): ``doc_starts`` (B, T) bool marks the tokens
 that begin a document. There the n-gram history resets exactly as at a sequence start: for
@@ -82,7 +82,9 @@ def hash_ngrams_reference(full: torch.Tensor, multipliers: torch.Tensor, primes:
 
 
 def barrett_magic(primes: torch.Tensor) -> torch.Tensor:
-    """``floor((2**64-1) / p)`` per prime as int64 bits: the C kernel's modulo constants."""
+    """``floor((2**64-1) / p)`` per prime as int64 bits: the C kernel's Barrett constants (its
+    modulo for primes of 2^30 or more and for a decode step's few positions; the bulk path below
+    2^30 works in doubles and sets up its own constants per call)."""
     rows = [[(m - 2**64 if m >= 2**63 else m) for m in ((2**64 - 1) // int(p) for p in row)] for row in primes.tolist()]
     return torch.tensor(rows, dtype=torch.long).view(primes.shape)
 

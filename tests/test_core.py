@@ -91,6 +91,7 @@ def test_compression_merges_case_and_space_variants(ref_tokenizer):
     assert len(ct) < ct.raw_vocab_size
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 def test_hashing_determinism_across_processes(ref_tokenizer):
     code = (
         "import torch, sys; from transformers import AutoTokenizer; from engram import *;"

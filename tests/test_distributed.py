@@ -130,6 +130,7 @@ def _worker(rank: int, world: int, store_dir: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 def test_two_ranks_look_up_and_train_as_one_process(tmp_path):
     import torch.multiprocessing as mp
 

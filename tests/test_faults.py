@@ -226,6 +226,7 @@ def test_a_full_disk_at_save_keeps_the_previous_checkpoint(tmp_path, small, monk
     assert ckpt.load_checkpoint(run, load_training_state=True).training_state["step"] == 1
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 def test_train_on_a_full_disk_exits_with_a_clear_message(tmp_path, text_file):
     """A real write failure (a file-size limit, as a full disk would refuse): exit 2, no traceback."""
     script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "

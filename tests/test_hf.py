@@ -535,6 +535,7 @@ def test_prefetcher_follows_a_resize(tok):
     assert model.hashing.step_listeners == []
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 def test_load_after_import_engram_in_fresh_process(tok, tmp_path):
     model = randomise(EngramForCausalLM.from_base(tiny_base("llama"), tiny_engram(), tok)).eval()
     ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(5))
@@ -623,6 +624,7 @@ def test_docs_example_runs(tmp_path, monkeypatch):
         exec(compile(block, f"docs/transformers.md[python block {i}]", "exec"), {"__name__": "__doc__"})
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 @pytest.mark.parametrize("order", ["transformers first", "engram first, a model class next"])
 def test_auto_classes_find_engram_checkpoints_in_either_import_order(tok, tmp_path, order):
     """`import engram` no longer imports transformers; the Auto classes still find the model."""

@@ -212,6 +212,7 @@ def test_config_edited_after_saving_is_an_error(tok, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------- 4. no import engram
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 def test_saved_config_says_how_to_load_and_auto_works_after_import_engram(tok, tmp_path):
     """transformers has no hook that finds a model type in an installed package: without
     ``import engram`` it refuses the checkpoint (advising an upgrade). The saved config.json then

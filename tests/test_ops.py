@@ -312,6 +312,7 @@ def test_kernels_build_into_a_private_cache_dir_and_are_reused(tmp_path):
     assert _libs(cache) == [lib] and lib.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # a fresh Python process (~5 s): CI runs it after the default tests
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
 def test_a_planted_or_tampered_library_is_never_loaded(tmp_path):
     """A library whose recorded hash does not match (replaced after the build, or a symlink to

@@ -190,8 +190,9 @@ def test_kernel_modulo_equals_torch_remainder_on_adversarial_int64(kernels, meth
 def test_bulk_kernel_paths_equal_the_formula(kernels, max_ngram, heads):
     """Every shape the blocked kernel distinguishes: heads that fill 0, 1 or 2 vectors and a part
     of one, positions across its 256-position blocks and the 64-position switch to doubles,
-    orders whose primes straddle 2^30 (one order on Barrett, the other on doubles), document
-    starts, and time slices (the threaded split), against the formula."""
+    outputs of 1 MiB and more (streaming stores; rows aligned to them or not), orders whose
+    primes straddle 2^30 (one order on Barrett, the other on doubles), document starts, and time
+    slices (the threaded split), against the formula."""
     g = torch.Generator().manual_seed(max_ngram * 100 + heads)
     O, L = max_ngram - 1, 2
     small = [_primes_after(5003 + 1000 * i, heads) for i in range(L * O)]
@@ -201,21 +202,22 @@ def test_bulk_kernel_paths_equal_the_formula(kernels, max_ngram, heads):
     mult = torch.randint(INT64_MIN, INT64_MAX, (L, max_ngram), generator=g) | 1
     for name, rows in tables.items():
         primes = torch.tensor([sum(rows[l * O:(l + 1) * O], []) for l in range(L)])  # (L, H)
-        for B, T in ((1, 63), (1, 64), (2, 257), (3, 600)):
+        for B, T in ((1, 63), (1, 64), (2, 257), (3, 600), (4, 2048)):
             full = torch.randint(-(2**40), 2**40, (B, O + T), generator=g)
             starts = torch.rand(B, T, generator=g) < 0.05
             for st in (None, starts):
                 want = hash_ngrams_reference(full, mult, primes, st, pad_id=5)
-                got = hash_ngrams(full, mult, primes, barrett_magic(primes), "kernel", st, 5)
-                assert torch.equal(got, want), (name, B, T, st is None)
                 reps = -(-cpu.PARALLEL_MIN_TOKENS // (B * T))  # enough rows for the threaded split
                 n = torch.get_num_threads()
-                torch.set_num_threads(3)  # three time slices, hashed by the pool
                 try:
+                    torch.set_num_threads(1)  # one call over everything
+                    got = hash_ngrams(full, mult, primes, barrett_magic(primes), "kernel", st, 5)
+                    torch.set_num_threads(3)  # three time slices, hashed by the pool
                     sliced = cpu.hash_ngrams(full.repeat(reps, 1), mult, primes, barrett_magic(primes),
                                              None if st is None else st.repeat(reps, 1), 5)
                 finally:
                     torch.set_num_threads(n)
+                assert torch.equal(got, want), (name, B, T, st is None)
                 assert torch.equal(sliced, want.repeat(1, reps, 1, 1)), (name, B, T, st is None)
 
 

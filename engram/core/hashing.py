@@ -226,6 +226,12 @@ class NgramHashMapping(nn.Module):
             check_ids(input_ids, None, "input_ids")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        if method == "auto" and input_ids.device.type == "cpu":  # compression and hash in one C call
+            mult, primes, magic = self._cpu
+            fused = cpu.hash_step(input_ids, self.compressed.table_on("cpu"), history, None, self.pad_id,
+                                  mult, primes, magic, self._check_starts(doc_starts, input_ids))
+            if fused is not None:  # else no kernel here, or ids it leaves to the formula (which raises)
+                return self._split(fused[0])
         return self.hash_compressed(self.compress(input_ids), history, method, doc_starts)
 
     @torch.compiler.disable  # data-dependent gathers and the C kernel: compiled models run it eagerly

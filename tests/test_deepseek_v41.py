@@ -482,3 +482,18 @@ def test_hash_equals_v41_hasher_with_images_whole_and_in_pieces(image):
     second, _ = hash_with_images(hashing, ids[:, 5:], image, history=hist)
     for lid in cfg.layer_ids:
         assert torch.equal(torch.cat([first[lid], second[lid]], 1), whole[lid])
+
+
+def test_the_mapping_itself_refuses_a_tokenizer_of_another_compressed_size():
+    """compressed_vocab_size is checked where the multipliers are drawn (any path to a mapping),
+    and draws them for that size."""
+    from engram.core.hashing import NgramHashMapping
+    from engram.core.tokenizer import CompressedTokenizer
+
+    tok = CompressedTokenizer(lookup_table=np.arange(97, dtype=np.int64) // 2)  # 49 compressed ids
+    cfg = EngramConfig(hidden_size=32, layer_ids=[0], n_embed_per_ngram=16, n_head_per_ngram=2,
+                       engram_vocab_size=[101, 103], pad_id=1)
+    with pytest.raises(ValueError, match="compressed_vocab_size=50"):
+        NgramHashMapping(cfg.replace(compressed_vocab_size=50), tok)
+    same = NgramHashMapping(cfg.replace(compressed_vocab_size=49), tok)
+    assert same.multipliers == NgramHashMapping(cfg, tok).multipliers  # the tokenizer's own size: nothing changes

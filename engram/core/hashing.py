@@ -117,6 +117,12 @@ class NgramHashMapping(nn.Module):
         self.raw_pad_id = raw_pad
         self.pad_id = int(self.compressed.lookup_table[raw_pad])
         n_comp = len(self.compressed)
+        want = config.compressed_vocab_size  # DeepSeek's engram_compressed_vocab_size, when a config names it
+        if want is not None and n_comp != want:
+            raise ValueError(f"the tokenizer compresses to {n_comp} ids but the config's tables were hashed over "
+                             f"compressed_vocab_size={want}: use the tokenizer the tables were made with")
+        if multiplier_vocab is None:
+            multiplier_vocab = want
         if multiplier_vocab is not None and not 1 <= int(multiplier_vocab) <= n_comp:
             raise ValueError(f"multiplier_vocab={multiplier_vocab} must be in 1..{n_comp} (the compressed vocabulary)")
         self.multiplier_vocab = n_comp if multiplier_vocab is None else int(multiplier_vocab)

@@ -39,7 +39,6 @@ from torch import nn
 
 from engram.config import EngramConfig, prime_table_sizes
 from engram.core.hashing import NgramHashMapping
-from engram.core.tokenizer import CompressedTokenizer
 from engram.nn.module import Engram
 from engram.storage.quant import Fp8E8M0BlockCodec, RowCodec
 from engram.storage.stores import HostRowStore
@@ -364,12 +363,7 @@ def build_hashing(config: EngramConfig, tokenizer: Any) -> NgramHashMapping:
     """V4.1's addressing: our :class:`NgramHashMapping` with the multipliers drawn for
     ``config.compressed_vocab_size``, after checking the tokenizer compresses to exactly that many
     ids (otherwise every n-gram would land in other rows)."""
-    compressed = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
-    want = config.compressed_vocab_size
-    if want is not None and len(compressed) != want:
-        raise ValueError(f"the tokenizer compresses to {len(compressed)} ids but the checkpoint's tables were hashed "
-                         f"over engram_compressed_vocab_size={want}: use the checkpoint's own tokenizer")
-    return NgramHashMapping(config, compressed, multiplier_vocab=want)
+    return NgramHashMapping(config, tokenizer)  # it checks the tokenizer against compressed_vocab_size
 
 
 def hash_with_images(hashing: NgramHashMapping, input_ids: torch.Tensor, image_token_id: int | None,

@@ -2,7 +2,7 @@
 # The runs behind docs/science.md: table-size sweeps on three corpora (memory scaling and the
 # table-size rule), placement and variants on the default corpus. Loss curves depend on (seed,
 # step) only, so these may run beside other work; the seconds-per-step figures are noisier then.
-# Usage: bash benchmarks/science_runs.sh [sizes|placement|variants|all] [OUTDIR]
+# Usage: bash benchmarks/science_runs.sh [sizes|placement|variants|allocation|all] [OUTDIR]
 set -euo pipefail
 WHAT=${1:-all}
 OUT=${2:-benchmarks/results/science}
@@ -21,4 +21,9 @@ if [[ $WHAT == placement || $WHAT == all ]]; then
 fi
 if [[ $WHAT == variants || $WHAT == all ]]; then
   engram sweep --axis variant --values engram,lite,noconv,nogate "${COMMON[@]}" --out "$OUT/variants-stdlib"
+fi
+if [[ $WHAT == allocation || $WHAT == all ]]; then  # 3 seeds, 120 steps (the study's default budget)
+  A=(--seeds 0,1,2 --no-progress --threads 1 --data "$D/tinyshakespeare.txt")
+  engram sweep --axis allocation --values 0.1,0.2,0.3,0.5 "${A[@]}" --out "$OUT/allocation-shakespeare"
+  engram sweep --axis allocation --values 0.05,0.7 "${A[@]}" --out "$OUT/allocation-shakespeare-2"
 fi

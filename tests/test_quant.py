@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,10 +59,22 @@ def test_codec_validation():
         make_codec("int8", 0)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def e8m0_model(seed: int) -> torch.nn.Module:
+    """tiny_model with rows 32 wide (DeepSeek-V4.1's format has one exponent per 32 values)."""
+    from engram import EngramConfig, EngramGPT, GPTConfig
+    from engram.core.tokenizer import CompressedTokenizer
+
+    torch.manual_seed(seed)
+    ecfg = EngramConfig(hidden_size=32, layer_ids=[0, 2], max_ngram_size=3, n_embed_per_ngram=64,
+                        n_head_per_ngram=2, engram_vocab_size=[101, 151], pad_id=1, seed=3)
+    cfg = GPTConfig(vocab_size=256, n_layer=3, n_head=2, n_embd=32, block_size=64, engram=ecfg)
+    return EngramGPT(cfg, CompressedTokenizer(lookup_table=np.arange(256) % 200)).eval()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "fp8", "fp8_e8m0"])
 @pytest.mark.parametrize("where,cache_rows", [("host", 0), ("host", 8), ("disk", 16)])
 def test_quantised_offload_equals_dequantised_in_memory(quantize, where, cache_rows, tmp_path):
-    model = tiny_model(seed=2)
+    model = tiny_model(seed=2) if quantize != "fp8_e8m0" else e8m0_model(seed=2)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
     ref = copy.deepcopy(model)
     for b in ref.blocks:

@@ -19,7 +19,7 @@ check_hash_ids, flat_rows``) and is swapped in for ``engram_module.memory``:
 - :class:`HotRowCache`: optional on-device cache of ``cache_rows`` rows (LRU or LFU) with hit
   statistics; a lookup is served from cache hits plus storage misses, so outputs are
   bit-identical with or without it, even when one batch needs more rows than it holds.
-- ``quantize="int8" | "fp8"`` stores codes + scales (:mod:`engram.storage.quant`), dequantised on gather.
+- ``quantize="int8" | "fp8" | "fp8_e8m0"`` stores codes + scales (:mod:`engram.storage.quant`), dequantised on gather.
 - :func:`offload` swaps the storage of every Engram module of a model;
   ``OffloadMultiHeadEmbedding(sizes, dim, cache_size)`` + ``.preload(hash_ids)`` is the seed API.
 
@@ -88,7 +88,8 @@ def offload(model: nn.Module, where: str = "host", path: str | os.PathLike | Non
             and an interrupted set is detected when opened (:mod:`engram.storage.tablefile`).
             Temporaries left by dead writers are removed.
         cache_rows: rows of the on-device hot-row cache per layer (0: none).
-        quantize: ``None | "int8" | "fp8"``: store codes + scales, dequantised on gather.
+        quantize: ``None | "int8" | "fp8" | "fp8_e8m0"``: store codes + scales, dequantised on
+            gather (``"fp8_e8m0"``: DeepSeek-V4.1's row format; row width a multiple of 32).
         cache_policy: ``"lru"`` or ``"lfu"``.
         prefetch: attach a :class:`engram.storage.prefetch.Prefetcher` (``model.engram_prefetcher``) that
             gathers every layer's rows as soon as the ids are hashed.
@@ -107,7 +108,7 @@ def offload(model: nn.Module, where: str = "host", path: str | os.PathLike | Non
         raise ValueError("where='disk' needs path= (a directory for the table files)")
     if where == "host" and path is not None:
         raise ValueError("path= is only used with where='disk'")
-    make_codec(quantize, 8)  # validates quantize early
+    make_codec(quantize, 32)  # validates quantize early (32: a width every codec takes)
     engrams = engram_modules(model)
     if not engrams:
         raise ValueError(f"{type(model).__name__} has no Engram modules to offload")

@@ -167,14 +167,17 @@ class Fp8E8M0BlockCodec(RowCodec):
 
 
 def make_codec(quantize: str | None, dim: int, dtype: torch.dtype = torch.float32, block: int = 32) -> RowCodec:
-    """Codec for ``quantize`` in ``None | "int8" | "fp8"``; ``dtype`` is what gathers return."""
+    """Codec for ``quantize`` in ``None | "int8" | "fp8" | "fp8_e8m0"``; ``dtype`` is what gathers
+    return (``"fp8_e8m0"``: DeepSeek-V4.1's rows, one power-of-two exponent per 32 values)."""
     if quantize is None or quantize == "none":
         return RowCodec(dim, dtype)
     if quantize == "int8":
         return Int8RowCodec(dim, dtype)
     if quantize == "fp8":
         return Fp8BlockCodec(dim, dtype, block)
-    raise ValueError(f"quantize must be None, 'int8' or 'fp8', got {quantize!r}")
+    if quantize == "fp8_e8m0":
+        return Fp8E8M0BlockCodec(dim, dtype)
+    raise ValueError(f"quantize must be None, 'int8', 'fp8' or 'fp8_e8m0', got {quantize!r}")
 
 
 def fake_quantize(w: torch.Tensor, quantize: str | None) -> torch.Tensor:

@@ -67,7 +67,7 @@ READ_BLOCK = 1 << 22  # bytes read per pread while hashing
 CHECKSUM_PREFIX = "sha256t64k:"
 MANIFEST = "engram_tables.json"
 _MAX_HEADER = 1 << 26  # a header longer than this is corrupt (a sizes list of millions of heads)
-_CODECS = ("none", "int8", "fp8")
+_CODECS = ("none", "int8", "fp8", "fp8_e8m0")
 #: dtypes a part can have on disk (numpy can map them).
 STORABLE = (torch.float32, torch.float16, torch.float64, torch.int8, torch.uint8)
 #: Fields the checksum covers besides the rows (what the rows *mean*).

@@ -191,7 +191,7 @@ class HostMultiHeadEmbedding(OffloadedMultiHeadEmbedding):
         sizes: rows of each head's table.
         dim: row width d.
         weight: the table ``(N, d)`` to take over (copied to host; ``None``: zeros).
-        quantize: ``None | "int8" | "fp8"``.
+        quantize: ``None | "int8" | "fp8" | "fp8_e8m0"``.
         cache_rows: rows of the on-device hot-row cache (0: none).
         cache_policy: ``"lru"`` or ``"lfu"``.
         device: where outputs (and the cache) live; ``model.to()`` moves it.

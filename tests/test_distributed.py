@@ -358,3 +358,31 @@ def test_size_plans_per_rank():
     assert rp.exchange_bytes_per_step_per_rank == int(1600 * 2 / 3 * (8 + 2 * 8 * 4))
     with pytest.raises(ValueError, match="world_size"):
         plan_per_rank(plan, 0)
+
+
+def test_table_shards_are_not_unpickled_from_a_directory_others_can_write(tmp_path):
+    """DCP's .metadata is a pickle: a checkpoint whose tables/ another user could have written is
+    refused before anything is read (the planted pickle's side effect never happens)."""
+    import os
+    import pickle
+
+    from engram.training.shards import TABLES_DIR, _dcp_load, check_pickle_safe
+
+    ran = tmp_path / "pickle-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    root = tmp_path / "step-00000002"
+    (root / TABLES_DIR).mkdir(parents=True)
+    (root / TABLES_DIR / ".metadata").write_bytes(pickle.dumps(Planted()))
+    for p in (root, root / TABLES_DIR, root / TABLES_DIR / ".metadata"):
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+    check_pickle_safe(root)  # private: allowed
+    for p in (root / TABLES_DIR, root / TABLES_DIR / ".metadata", root):
+        os.chmod(p, os.stat(p).st_mode | 0o022)  # group- and other-writable
+        with pytest.raises(ValueError, match="writable by other users"):
+            _dcp_load({}, root)
+        os.chmod(p, os.stat(p).st_mode & ~0o022)
+    assert not ran.exists()

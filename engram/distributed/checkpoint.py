@@ -32,8 +32,8 @@ from torch import nn
 from engram.distributed.env import DistEnv, PeerFailure
 from engram.distributed.sharded import RowShardedEmbedding, engram_storages
 from engram.training.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, CheckpointWriteError, save_run_checkpoint
-from engram.training.shards import (MARKER, TABLES_DIR, dcp_errors, dcp_reason, is_sharded, state_key, state_prefix,
-                                    table_key)
+from engram.training.shards import (MARKER, TABLES_DIR, check_pickle_safe, dcp_errors, dcp_reason, is_sharded,
+                                    state_key, state_prefix, table_key)
 
 STAGING_PREFIX = ".tmp-shards-"
 
@@ -169,6 +169,7 @@ def _named_table_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def _dcp_load(state: dict[str, Any], root: Path, env: DistEnv) -> None:
     import torch.distributed.checkpoint as dcp  # noqa: PLC0415
 
+    check_pickle_safe(root)
     try:
         dcp.load(state, checkpoint_id=str(root / TABLES_DIR))
     except dcp_errors() as e:
@@ -213,6 +214,7 @@ def check_reshardable(meta: dict[str, Any], root: Path, model: nn.Module) -> Non
         return
     from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
 
+    check_pickle_safe(root)
     try:
         md = FileSystemReader(str(root / TABLES_DIR)).read_metadata()
     except Exception as e:  # noqa: BLE001

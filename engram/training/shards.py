@@ -13,6 +13,7 @@ in the whole tensor, so a checkpoint loads at any world size: here whole (one pr
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,33 @@ def dcp_reason(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def check_pickle_safe(root: Path) -> None:
+    """``ValueError`` unless the table shards of checkpoint ``root`` are safe to unpickle.
+
+    DCP's ``.metadata`` index is a plain pickle (``FileSystemReader.read_metadata``), and unpickling
+    runs code. So it is read only where no other user could have written it: the checkpoint
+    directory, its ``tables/`` directory and the index itself must be owned by this user (or root)
+    and not writable by the group or others. (The manifest's SHA-256s cannot vouch for it: whoever
+    can write the index can rewrite the manifest too.)
+    """
+    import stat  # noqa: PLC0415
+
+    me = os.getuid()
+    for p in (root, root / TABLES_DIR, root / TABLES_DIR / ".metadata"):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue  # a missing index is reported by the reader
+        if stat.S_ISLNK(st.st_mode) or st.st_uid not in (me, 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ValueError(f"checkpoint {str(root)!r}: refusing to read its table shards: {str(p)!r} is a link, "
+                             "another user's, or writable by other users, and their index is a pickle that runs "
+                             "code when read; copy the checkpoint to a directory only you can write")
+
+
 def _dcp_load(state: dict[str, torch.Tensor], root: Path) -> None:
     import torch.distributed.checkpoint as dcp  # noqa: PLC0415
 
+    check_pickle_safe(root)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

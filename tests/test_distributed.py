@@ -377,10 +377,12 @@ def test_table_shards_are_not_unpickled_from_a_directory_others_can_write(tmp_pa
     root = tmp_path / "step-00000002"
     (root / TABLES_DIR).mkdir(parents=True)
     (root / TABLES_DIR / ".metadata").write_bytes(pickle.dumps(Planted()))
-    for p in (root, root / TABLES_DIR, root / TABLES_DIR / ".metadata"):
+    (root / TABLES_DIR / "__0_0.distcp").write_bytes(b"")
+    paths = [root, root / TABLES_DIR, root / TABLES_DIR / ".metadata", root / TABLES_DIR / "__0_0.distcp"]
+    for p in paths:
         os.chmod(p, 0o700 if p.is_dir() else 0o600)
     check_pickle_safe(root)  # private: allowed
-    for p in (root / TABLES_DIR, root / TABLES_DIR / ".metadata", root):
+    for p in paths:
         os.chmod(p, os.stat(p).st_mode | 0o022)  # group- and other-writable
         with pytest.raises(ValueError, match="writable by other users"):
             _dcp_load({}, root)

@@ -77,14 +77,16 @@ def check_pickle_safe(root: Path) -> None:
 
     DCP's ``.metadata`` index is a plain pickle (``FileSystemReader.read_metadata``), and unpickling
     runs code. So it is read only where no other user could have written it: the checkpoint
-    directory, its ``tables/`` directory and the index itself must be owned by this user (or root)
-    and not writable by the group or others. (The manifest's SHA-256s cannot vouch for it: whoever
+    directory, its ``tables/`` directory and every file in it (the index, the shards, which may hold
+    pickled objects too) must be owned by this user (or root) and not writable by the group or others. (The manifest's SHA-256s cannot vouch for it: whoever
     can write the index can rewrite the manifest too.)
     """
     import stat  # noqa: PLC0415
 
     me = os.getuid()
-    for p in (root, root / TABLES_DIR, root / TABLES_DIR / ".metadata"):
+    tables = root / TABLES_DIR
+    files = sorted(tables.iterdir()) if tables.is_dir() and not tables.is_symlink() else []  # index and shards
+    for p in (root, tables, *files):
         try:
             st = os.lstat(p)
         except FileNotFoundError:

@@ -22,11 +22,11 @@ S="python3 -m engram study --device cpu --threads 1 --no-progress"
 (timeout -s TERM 400 $S --data $DATA/wikitext-2/valid.txt --eval-data $DATA/wikitext-2/test.txt --out $R/study_cpu_wikitext > $R/study_cpu_wikitext.log 2>&1) &
 step sync_sites 90 python3 benchmarks/cuda_sync_sites.py
 step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optim.py -rA
-step modes_study 120 python3 benchmarks/train_modes.py --device cuda --modes fp32,bf16,bf16+compile --warmup 5 --rounds 20 --out $R/modes_study.json
-step modes_gpt2 150 python3 benchmarks/train_modes.py --device cuda --modes bf16,bf16+compile --width 768 --layers 12 --batch 32 --seq 512 --warmup 4 --rounds 10 --out $R/modes_gpt2.json
+step modes_study 150 python3 benchmarks/train_modes.py --device cuda --modes fp32,bf16,bf16+compile --hash ahead,in-step --warmup 5 --rounds 20 --out $R/modes_study.json
+step modes_gpt2 180 python3 benchmarks/train_modes.py --device cuda --modes bf16,bf16+compile --hash ahead,in-step --width 768 --layers 12 --batch 32 --seq 512 --warmup 4 --rounds 10 --out $R/modes_gpt2.json
 step bench_eager 60 python3 -m engram bench --device cuda --only decode,table --reps 5 --out $R/bench_eager
 step bench_compiled_b1 90 python3 -m engram bench --device cuda --only decode --compile --reps 5 --out $R/bench_compiled_b1
-step bench_compiled_b8 60 python3 -m engram bench --device cuda --only decode --compile --batch 8 --reps 5 --out $R/bench_compiled_b8
+step bench_compiled_b8 120 python3 -m engram bench --device cuda --only decode --compile --batch 8 --reps 5 --out $R/bench_compiled_b8
 step study_gpu 90 python3 -m engram study --device cuda --no-progress --out $R/study_gpu
 echo "=== waiting for the CPU studies at +$(( $(date +%s) - T0 ))s"; uptime
 wait

@@ -27,7 +27,7 @@ def sites(fn, steps: int) -> collections.Counter:
     old = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        if "synchroniz" in str(message) and "prototype" not in str(message):  # not the mode's own notice
             stack = [f for f in traceback.extract_stack()[:-1] if "engram" in f.filename or "benchmarks" in f.filename]
             where = " <- ".join(f"{f.filename.split('engram/')[-1]}:{f.lineno} {f.name}" for f in stack[-3:][::-1])
             found[f"{str(message)[:60]} @ {where or f'{filename}:{lineno}'}"] += 1

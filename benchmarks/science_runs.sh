@@ -2,7 +2,7 @@
 # The runs behind docs/science.md: table-size sweeps on three corpora (memory scaling and the
 # table-size rule), placement and variants on the default corpus. Loss curves depend on (seed,
 # step) only, so these may run beside other work; the seconds-per-step figures are noisier then.
-# Usage: bash benchmarks/science_runs.sh [sizes|placement|variants|allocation|all] [OUTDIR]
+# Usage: bash benchmarks/science_runs.sh [sizes|placement|variants|allocation|three-seeds|all] [OUTDIR]
 set -euo pipefail
 WHAT=${1:-all}
 OUT=${2:-benchmarks/results/science}
@@ -26,4 +26,12 @@ if [[ $WHAT == allocation || $WHAT == all ]]; then  # 3 seeds, 120 steps (the st
   A=(--seeds 0,1,2 --no-progress --threads 1 --data "$D/tinyshakespeare.txt")
   engram sweep --axis allocation --values 0.1,0.2,0.3,0.5 "${A[@]}" --out "$OUT/allocation-shakespeare"
   engram sweep --axis allocation --values 0.05,0.7 "${A[@]}" --out "$OUT/allocation-shakespeare-2"
+fi
+if [[ $WHAT == three-seeds || $WHAT == all ]]; then  # the 3-seed reruns docs/science.md reports
+  T=(--steps 150 --seeds 0,1,2 --no-progress --threads 1)
+  engram sweep --axis table-size --values 1250,5000,20000,80000 "${T[@]}" --data "$D/tinyshakespeare.txt" \
+    --out "$OUT/sizes-shakespeare-3seeds"
+  engram sweep --axis table-size --values 1250,5000,20000,80000 "${T[@]}" --data "$D/wikitext-2/valid.txt" \
+    --eval-data "$D/wikitext-2/test.txt" --out "$OUT/sizes-wikitext2-3seeds"
+  engram sweep --axis engram-layers --values 0,1,2,3 "${T[@]}" --out "$OUT/placement-stdlib-3seeds"
 fi

@@ -34,4 +34,5 @@ if [[ $WHAT == three-seeds || $WHAT == all ]]; then  # the 3-seed reruns docs/sc
   engram sweep --axis table-size --values 1250,5000,20000,80000 "${T[@]}" --data "$D/wikitext-2/valid.txt" \
     --eval-data "$D/wikitext-2/test.txt" --out "$OUT/sizes-wikitext2-3seeds"
   engram sweep --axis engram-layers --values 0,1,2,3 "${T[@]}" --out "$OUT/placement-stdlib-3seeds"
+  engram sweep --axis variant --values engram,lite,noconv,nogate "${T[@]}" --out "$OUT/variants-stdlib-3seeds"
 fi

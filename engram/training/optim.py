@@ -213,6 +213,12 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
 
 
+def sums_by_sort(grad: torch.Tensor) -> bool:
+    """Whether :func:`summed_rows` sums ``grad``'s duplicate rows with a sort (static shapes: an
+    accelerator, where ``coalesce()`` would stall the host) rather than by coalescing (a CPU)."""
+    return grad.device.type != "cpu"
+
+
 def summed_rows(grad: torch.Tensor, static_shape: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The touched rows of a row-sparse gradient with duplicate rows summed.
@@ -225,7 +231,7 @@ def summed_rows(grad: torch.Tensor, static_shape: bool | None = None
     row 0 with values 0, and ``live`` (n, 1) is 1.0 for the slots in use, 0.0 after them.
     """
     if static_shape is None:
-        static_shape = grad.device.type != "cpu"
+        static_shape = sums_by_sort(grad)
     if not static_shape or grad.is_coalesced():
         g = grad.coalesce()
         return g._indices()[0], g._values(), None
@@ -263,7 +269,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     norms = []
     for p in params:
         if p.grad.is_sparse:
-            if p.grad.device.type == "cpu":  # coalesced once here; the optimizer then finds it so
+            if not sums_by_sort(p.grad):  # coalesced once here; the optimizer then finds it so
                 p.grad = p.grad.coalesce()
             norms.append(torch.linalg.vector_norm(summed_rows(p.grad)[1], norm_type))
         else:

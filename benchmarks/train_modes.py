@@ -52,14 +52,15 @@ def main() -> None:
                        engram_vocab_size=[17000, 17000], pad_id=tok.pad_token_id, sparse_grad=True,
                        zero_init_output=True)
     batcher = data.TokenBatcher(ids, a.batch, a.seq, seed=0)
+    # (model, hash mode) pairs: the hash mode only matters with Engram
+    pairs = [(model, h) for model in a.models.split(",") for h in (a.hash.split(",") if model == "engram" else ["-"])]
     trainers = {}
     for m in a.modes.split(","):
         dtype, comp = MODES[m]
-        for model in a.models.split(","):
-          for hash_mode in (a.hash.split(",") if model == "engram" else ["-"]):
+        tcfg = TrainConfig(batch_size=a.batch, seq_len=a.seq, max_steps=10_000, dtype=dtype, compile=comp)
+        for model, hash_mode in pairs:
             cfg = GPTConfig(vocab_size=len(tok), n_layer=a.layers, n_head=max(1, a.width // 64), n_embd=a.width,
                             block_size=a.seq, engram=eng if model == "engram" else None)
-            tcfg = TrainConfig(batch_size=a.batch, seq_len=a.seq, max_steps=10_000, dtype=dtype, compile=comp)
             name = model if model == "base" or "," not in a.hash else f"{model}:{hash_mode}"
             trainers[(m, name)] = Trainer(build_model(cfg, tok, 0), batcher, tcfg, name=f"{m}/{name}", device=a.device,
                                           hash_ahead=hash_mode != "in-step")

@@ -19,7 +19,8 @@ needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++
 @pytest.mark.slow
 @needs_cxx
 def test_compiled_model_equals_eager_in_forward_and_cached_generate():
-    """``model.compile(dynamic=True)``: one graph break (id checks + hash), same logits and tokens."""
+    """``model.compile(dynamic=True)``: same logits and tokens as eager, and bad ids still raise
+    (from an assert inside the graph)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -28,9 +29,37 @@ def test_compiled_model_equals_eager_in_forward_and_cached_generate():
     x = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x)[0], eager(x)[0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(compiled.generate(x, 6, temperature=0), eager.generate(x, 6, temperature=0))
-    with pytest.raises(ValueError, match="vocabulary size"):  # checks still run eagerly
-        compiled(torch.full((1, 3), 97))
+    want = eager.generate(x, 6, temperature=0)
+    assert torch.equal(compiled.generate(x, 6, temperature=0), want)
+    for bad in (97, -1):
+        with pytest.raises((ValueError, RuntimeError), match="vocabulary size"):
+            compiled(torch.full((1, 3), bad))
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_a_decode_step_is_one_graph_with_the_hash_inside():
+    """``fullgraph=True`` raises at any graph break: the id checks, masks and the N-gram hash of a
+    prompt and of cached decode steps (with left padding) all trace into the step's graph, and
+    the result equals eager, including the cache's n-gram history and conv state."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = tiny_gpt(False).eval()
+    step = torch.compile(eager, dynamic=True, fullgraph=True)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 left-padded
+    with torch.inference_mode():
+        ce, cc = eager.new_cache(), eager.new_cache()
+        torch.testing.assert_close(step(x, cache=cc, attention_mask=mask)[0],
+                                   eager(x, cache=ce, attention_mask=mask)[0], rtol=1e-5, atol=1e-5)
+        for t in range(3):
+            nxt = torch.tensor([[5 + t], [40 + t]])
+            torch.testing.assert_close(step(nxt, cache=cc)[0], eager(nxt, cache=ce)[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(cc.history, ce.history)
+        torch.testing.assert_close(cc.engram[1].conv, ce.engram[1].conv)
     torch._dynamo.reset()
 
 

@@ -137,7 +137,11 @@ class NgramHashMapping(nn.Module):
         mult = mult.reshape(-1, config.max_ngram_size)  # (L, N)
         primes = torch.tensor([[p for order in self.table_sizes[l] for p in order] for l in self.layer_ids],
                               dtype=torch.long).reshape(-1, config.n_heads_total)  # (L, H)
-        self._cpu = (mult, primes, barrett_magic(primes))
+        # Each with its own storage (a view would make a compiled graph guard on its base every call),
+        # and of fixed shape in compiled graphs (no symbolic-shape guards).
+        self._cpu = tuple(t.clone() for t in (mult, primes, barrett_magic(primes)))
+        for t in self._cpu:
+            torch._dynamo.mark_static(t)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, None]] = {}
         # Called with every hash_step's {layer_id: (B, T, H)} (engram.storage.prefetch's Prefetcher). A
         # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.
@@ -240,7 +244,6 @@ class NgramHashMapping(nn.Module):
                 return self._split(fused[0])
         return self.hash_compressed(self.compress(input_ids), history, method, doc_starts)
 
-    @torch.compiler.disable  # data-dependent gathers and the C kernel: compiled models run it eagerly
     def hash_step(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
                   token_mask: torch.Tensor | None = None, keep_history: bool = False,
                   doc_starts: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -259,9 +262,11 @@ class NgramHashMapping(nn.Module):
                 the next history holds pad before the last start. ``None``: no boundaries.
 
         Returns ``({layer_id: (B, T, H)}, next history)``. On the CPU the C kernel does all of
-        it in one call (:func:`engram.ops.cpu.hash_step`); elsewhere, or without the kernels,
-        the same in tensor ops. Every function in :attr:`step_listeners` is then called with
-        the hash ids.
+        it in one call (:func:`engram.ops.cpu.hash_step`); elsewhere, without the kernels, or
+        traced into a ``torch.compile`` graph (a compiled model's step hashes inside its graph,
+        where inductor fuses the formula with the row lookup), the same in tensor ops. Every
+        function in :attr:`step_listeners` is then called with the hash ids (eagerly: with
+        listeners attached, a compiled model's graph breaks there).
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         starts = self._check_starts(doc_starts, input_ids)
@@ -269,7 +274,8 @@ class NgramHashMapping(nn.Module):
             raise ValueError("doc_starts cannot be combined with keep_history (a cropped-back history would "
                              "lose the boundaries); hash packed training rows without keep_history")
         out = None
-        if input_ids.device.type == "cpu" and not keep_history:
+        # The C kernel is opaque to torch.compile: in a graph the tensor form below is traced instead.
+        if input_ids.device.type == "cpu" and not keep_history and not torch.compiler.is_compiling():
             mult, primes, magic = self._cpu
             fused = cpu.hash_step(input_ids, self.compressed.table_on("cpu"), history, token_mask, self.pad_id,
                                   mult, primes, magic, starts)
@@ -277,9 +283,14 @@ class NgramHashMapping(nn.Module):
                 out = self._split(fused[0]), fused[1]
         if out is None:  # no kernel here (or an id it leaves to the tensor path, which raises)
             out = self._step_tensor(input_ids, history, token_mask, keep_history, starts)
-        for listener in self.step_listeners:
-            listener(out[0])
+        if self.step_listeners:
+            self._notify(out[0])
         return out
+
+    @torch.compiler.disable  # listeners are Python callbacks (a prefetch thread's queue): always eager
+    def _notify(self, hashed: dict[int, torch.Tensor]) -> None:
+        for listener in self.step_listeners:
+            listener(hashed)
 
     def _step_tensor(self, input_ids: torch.Tensor, history: torch.Tensor | None, token_mask: torch.Tensor | None,
                      keep_history: bool = False,

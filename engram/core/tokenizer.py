@@ -104,7 +104,9 @@ class CompressedTokenizer:
                 raise ValueError("lookup_table must be a non-empty 1-D array of non-negative ids")
         self.lookup_table: np.ndarray = table  # (V_raw,) int64
         self.num_new_token = int(table.max()) + 1
+        self._raw_vocab_size = int(table.shape[0])  # an int, not the array: a compiled graph specialises on it
         self._torch_tables: dict[torch.device, torch.Tensor] = {}
+        self.table_on("cpu")  # exists from the start: a compiled graph reads it as a constant
         self._table_list: list[int] | None = None
 
     def __len__(self) -> int:
@@ -112,7 +114,7 @@ class CompressedTokenizer:
 
     @property
     def raw_vocab_size(self) -> int:
-        return int(self.lookup_table.shape[0])
+        return self._raw_vocab_size
 
     def fingerprint(self) -> str:
         """A short digest of the table; two tokenizers compress alike iff it matches."""
@@ -124,6 +126,7 @@ class CompressedTokenizer:
         t = self._torch_tables.get(device)
         if t is None:
             t = torch.from_numpy(self.lookup_table).to(device)
+            torch._dynamo.mark_static(t)  # a constant: fixed shape in compiled graphs
             self._torch_tables[device] = t
         return t
 
@@ -148,10 +151,15 @@ class CompressedTokenizer:
         Negative ids (padding conventions) pass through, as in the reference. Ids >= the
         raw vocabulary raise ``ValueError``: always for CPU tensors; on an accelerator only with
         ``check=True``, since reading the maximum back stalls the host (unchecked, the gather
-        fails on the device instead).
+        fails on the device instead). Traced into a ``torch.compile`` graph, an assert in the graph
+        checks them (``RuntimeError``), reading nothing back.
         """
         check_ids(input_ids, None, "input_ids")
         n = self.raw_vocab_size
+        if torch.compiler.is_compiling():  # traced into a graph: checked by an assert in it, no read-back
+            ids = input_ids.long()
+            torch._assert_async((ids < n).all(), f"input_ids has an id >= the tokenizer's vocabulary size {n}")
+            return torch.where(ids >= 0, self.table_on(ids.device)[ids.clamp_min(0)], ids)
         if input_ids.device.type == "cpu" and input_ids.numel() <= _SCALAR_MAX_IDS:
             (vals,) = self.compress_rows([input_ids.reshape(-1).tolist()])
             return torch.tensor(vals, dtype=torch.long).view(input_ids.shape)

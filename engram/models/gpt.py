@@ -259,14 +259,14 @@ class EngramGPT(nn.Module):
     def new_cache(self) -> GPTCache:
         return GPTCache(kv=[[] for _ in self.blocks])
 
-    @torch.compiler.disable  # reads values back and calls the C hash kernel: runs eagerly, outside a compiled graph
     def _prepare(self, input_ids: torch.Tensor, cache: GPTCache | None, attention_mask: torch.Tensor | None,
                  hash_ids: dict[int, torch.Tensor] | None,
                  doc_starts: torch.Tensor | None = None) -> tuple[Any, Any, Any]:
         """Check the ids, build the padding masks, hash; advance the cache's mask and n-gram history.
 
-        Returns ``(pad_mask (B, S) | None, new_mask (B, T) | None, hash_ids | None)``. One
-        function so that a compiled model (``model.compile()``) breaks its graph once here.
+        Returns ``(pad_mask (B, S) | None, new_mask (B, T) | None, hash_ids | None)``. Compiled
+        (``model.compile()``), all of it is traced into the step's one graph: the range check
+        becomes an assert in the graph and the hash the tensor formula (no graph break).
         """
         check_ids(input_ids, None, "input_ids", ndim=2)
         input_ids = input_ids.long()  # any integer dtype in
@@ -306,13 +306,18 @@ class EngramGPT(nn.Module):
     def check_id_range(self, input_ids: torch.Tensor) -> None:
         """``ValueError`` unless every id is in ``[0, vocab_size)`` (reads the ids back: a host sync
         on an accelerator, so :meth:`forward` does it there only for :meth:`generate`'s prompt or
-        with ``ENGRAM_CHECK_IDS=1``)."""
-        if input_ids.numel():  # both bounds in one pass
+        with ``ENGRAM_CHECK_IDS=1``). Inside a compiled graph it is an assert in the graph
+        (``RuntimeError`` with the same message), which reads nothing back."""
+        V = self.config.vocab_size
+        if torch.compiler.is_compiling():  # in a graph: an assert there, no read-back (no graph break)
+            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                                f"input_ids must be in [0, {V}), the model's vocabulary size")
+        elif input_ids.numel():  # both bounds in one pass
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0:
                 raise ValueError("input_ids must be non-negative")
-            if hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids has id {hi} >= the model's vocabulary size {self.config.vocab_size}")
+            if hi >= V:
+                raise ValueError(f"input_ids has id {hi} >= the model's vocabulary size {V}")
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: GPTCache | None = None, attention_mask: torch.Tensor | None = None,
@@ -327,7 +332,8 @@ class EngramGPT(nn.Module):
         (``MemmapBatcher.batch_with_boundaries``): the Engram n-gram history resets there, so no
         n-gram spans two documents (attention and the short conv still see the whole row);
         ``None`` (default) changes nothing. Ignored when ``hash_ids`` are given.
-        ``model.compile(dynamic=True)`` compiles everything after the id checks and the hash.
+        ``model.compile(dynamic=True)`` compiles the whole step, id checks and hash included, into
+        one graph (docs/performance.md, "Compiling").
         """
         pad_mask, new_mask, hash_ids = self._prepare(input_ids, cache, attention_mask, hash_ids, doc_starts)
         input_ids = input_ids.long()  # any integer dtype (uint8, int32, ...) in, int64 indices

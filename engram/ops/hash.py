@@ -98,7 +98,8 @@ def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Ten
         full: ``(B, N-1+T)`` int64 compressed ids, history first.
         multipliers: ``(L, N)`` int64; primes: ``(L, H)`` int64 (on ``full``'s device).
         magic: :func:`barrett_magic` of ``primes`` (CPU), needed by the C kernel.
-        backend: ``"auto"`` (the C kernel for CPU ids when available, else the formula),
+        backend: ``"auto"`` (the C kernel for CPU ids when available, else, and inside a
+            ``torch.compile`` graph, the formula),
             ``"kernel"`` (the C kernel or a ``RuntimeError``) or ``"reference"``.
         doc_starts: ``(B, T)`` bool, True where a document starts inside the row (packed rows):
             the history resets to ``pad_id`` there (both backends).
@@ -110,7 +111,9 @@ def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Ten
         want = (full.shape[0], full.shape[1] - (multipliers.shape[1] - 1))
         if doc_starts.ndim != 2 or tuple(doc_starts.shape) != want:
             raise ValueError(f"doc_starts must have shape (B, T) = {want}, got {tuple(doc_starts.shape)}")
-    if backend != "reference" and full.device.type == "cpu" and magic is not None and cpu.available():
+    # Inside a torch.compile graph the formula is traced (inductor fuses it; the C call would break the graph).
+    in_graph = torch.compiler.is_compiling()
+    if backend != "reference" and full.device.type == "cpu" and magic is not None and not in_graph and cpu.available():
         return cpu.hash_ngrams(full, multipliers, primes, magic, doc_starts, pad_id)
     if backend == "kernel":
         raise RuntimeError("backend='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.ops.cpu)")

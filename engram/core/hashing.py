@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from engram.config import EngramConfig, prime_table_sizes
-from engram.core.tokenizer import CompressedTokenizer
+from engram.core.tokenizer import CompressedTokenizer, static_in_graphs
 from engram.core.validation import check_ids
 from engram.ops import cpu
 from engram.ops.hash import barrett_magic, hash_ngrams, tokens_since_doc_start
@@ -141,7 +141,7 @@ class NgramHashMapping(nn.Module):
         # and of fixed shape in compiled graphs (no symbolic-shape guards).
         self._cpu = tuple(t.clone() for t in (mult, primes, barrett_magic(primes)))
         for t in self._cpu:
-            torch._dynamo.mark_static(t)
+            static_in_graphs(t)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, None]] = {}
         # Called with every hash_step's {layer_id: (B, T, H)} (engram.storage.prefetch's Prefetcher). A
         # mapping rebuilt for a grown vocabulary takes this list over, so listeners follow it.

@@ -274,8 +274,7 @@ class NgramHashMapping(nn.Module):
             raise ValueError("doc_starts cannot be combined with keep_history (a cropped-back history would "
                              "lose the boundaries); hash packed training rows without keep_history")
         out = None
-        # The C kernel is opaque to torch.compile: in a graph the tensor form below is traced instead.
-        if input_ids.device.type == "cpu" and not keep_history and not torch.compiler.is_compiling():
+        if input_ids.device.type == "cpu" and not keep_history:
             mult, primes, magic = self._cpu
             fused = cpu.hash_step(input_ids, self.compressed.table_on("cpu"), history, token_mask, self.pad_id,
                                   mult, primes, magic, starts)

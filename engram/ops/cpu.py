@@ -142,9 +142,11 @@ def _compile(source: bytes, compiler: str) -> Path | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first call; ``None`` when disabled or unavailable."""
+    """The loaded kernels, built on first call; ``None`` when disabled or unavailable, and inside
+    a ``torch.compile`` graph (a C call is opaque to dynamo: graphs trace the torch formula,
+    which inductor fuses)."""
     global _lib, _tried
-    if not _on:
+    if not _on or torch.compiler.is_compiling():
         return None
     if _tried:
         return _lib

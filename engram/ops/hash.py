@@ -111,9 +111,7 @@ def hash_ngrams(full: torch.Tensor, multipliers: torch.Tensor, primes: torch.Ten
         want = (full.shape[0], full.shape[1] - (multipliers.shape[1] - 1))
         if doc_starts.ndim != 2 or tuple(doc_starts.shape) != want:
             raise ValueError(f"doc_starts must have shape (B, T) = {want}, got {tuple(doc_starts.shape)}")
-    # Inside a torch.compile graph the formula is traced (inductor fuses it; the C call would break the graph).
-    in_graph = torch.compiler.is_compiling()
-    if backend != "reference" and full.device.type == "cpu" and magic is not None and not in_graph and cpu.available():
+    if backend != "reference" and full.device.type == "cpu" and magic is not None and cpu.available():
         return cpu.hash_ngrams(full, multipliers, primes, magic, doc_starts, pad_id)
     if backend == "kernel":
         raise RuntimeError("backend='kernel' needs CPU ids and the CPU kernels (a C compiler; see engram.ops.cpu)")

@@ -94,10 +94,11 @@ def gpt(tok, rows: int | None, sparse: bool | None = None, width: int = 128) -> 
     return EngramGPT(GPTConfig(vocab_size=4096, n_layer=4, n_head=4, n_embd=width, block_size=256, engram=eng), tok)
 
 
-def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1, batch: int = 1) -> dict:
-    """Greedy tokens/s after a 16-token prompt, interleaved medians."""
-    prompt = torch.randint(0, 4096, (batch, 16))
-    med = decode_seconds({"base": base, "engram": eng}, prompt, new, reps, warmup)
+def decode_ratio(base: EngramGPT, eng: EngramGPT, reps: int, new: int = 64, warmup: int = 1, batch: int = 1,
+                 static_cache: bool = False) -> dict:
+    """Greedy tokens/s after a 16-token prompt, interleaved medians (on the models' device)."""
+    prompt = torch.randint(0, 4096, (batch, 16)).to(base.lm_head.weight.device)
+    med = decode_seconds({"base": base, "engram": eng}, prompt, new, reps, warmup, static_cache=static_cache)
     return {"base_tok_s": batch * new / med["base"], "engram_tok_s": batch * new / med["engram"],
             "ratio": med["base"] / med["engram"]}
 
@@ -160,8 +161,14 @@ def main() -> None:
     ap.add_argument("--sparse", choices=["default", "on", "off"], default="default",
                     help="EngramConfig.sparse_grad for the table and overhead runs")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="compiled: the models' device (cpu, cuda)")
+    ap.add_argument("--compile-modes", default="default",
+                    help="compiled: comma-separated torch.compile modes, each measured after the eager pair "
+                         "(default, reduce-overhead: CUDA graphs, max-autotune-no-cudagraphs, ...); MODE+static "
+                         "decodes with the static cache (reduce-overhead always does)")
     args = ap.parse_args()
-    print("load average", os.getloadavg(), flush=True)
+    print("load average", os.getloadavg(), "device", args.device,
+          torch.cuda.get_device_name() if args.device.startswith("cuda") else "", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -247,13 +254,19 @@ def main() -> None:
             # torch._dynamo.config.recompile_limit = 8 graphs); batch 1 and batch > 1 compile apart.
             # Start each batch size with an empty cache, as a process serving one batch size has.
             torch._dynamo.reset()
-            base, eng = gpt(tok, None).eval(), gpt(tok, 20000, sparse).eval()
+            base = gpt(tok, None).eval().to(args.device)
+            eng = gpt(tok, 20000, sparse).eval().to(args.device)
             res[f"decode_eager_b{batch}"] = decode_ratio(base, eng, args.reps, batch=batch)
             print(f"decode_eager_b{batch}", res[f"decode_eager_b{batch}"], flush=True)
-            for m in (base, eng):
-                m.compile(dynamic=True)
-            res[f"decode_compiled_b{batch}"] = decode_ratio(base, eng, args.reps, warmup=2, batch=batch)
-            print(f"decode_compiled_b{batch}", res[f"decode_compiled_b{batch}"], flush=True)
+            for spec in args.compile_modes.split(","):
+                mode, _, cache = spec.partition("+")  # "+static": generate with the static cache
+                static = cache == "static" or mode == "reduce-overhead"  # CUDA graphs need it
+                torch._dynamo.reset()
+                for m in (base, eng):
+                    m.compile(dynamic=True, mode=None if mode == "default" else mode)
+                key = f"decode_compiled_b{batch}" + ("" if spec == "default" else f"_{spec}")
+                res[key] = decode_ratio(base, eng, args.reps, warmup=2, batch=batch, static_cache=static)
+                print(key, res[key], flush=True)
     res["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(res, indent=1))
 

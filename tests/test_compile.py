@@ -65,6 +65,33 @@ def test_a_decode_step_is_one_graph_with_the_hash_inside():
 
 
 
+def test_static_cache_decode_compiles_once_and_equals_eager():
+    """With a static cache a compiled decode step has fixed shapes: one graph for the prompt, one
+    for every decode step after it (``dynamic=False``: no recompile as the sequence grows, as
+    CUDA graphs need), no graph break, and the logits, history and conv state equal eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager = tiny_gpt(False).eval()
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(eager, fullgraph=True, backend=counter)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode():
+            ce, cc = eager.new_cache(static=True, batch_size=2), eager.new_cache(static=True, batch_size=2)
+            torch.testing.assert_close(step(x, cache=cc)[0], eager(x, cache=ce)[0], rtol=1e-5, atol=1e-5)
+            for t in range(5):
+                nxt = torch.tensor([[5 + t], [40 + t]])
+                torch.testing.assert_close(step(nxt, cache=cc)[0], eager(nxt, cache=ce)[0], rtol=1e-5, atol=1e-5)
+            assert counter.frame_count == 2  # the prompt's graph and the decode step's
+            assert torch.equal(cc.history, ce.history) and torch.equal(cc.pos, ce.pos)
+            torch.testing.assert_close(cc.engram[1].conv, ce.engram[1].conv)
+            torch.testing.assert_close(cc.kv[1][0], ce.kv[1][0])
+    finally:
+        torch._dynamo.reset()
+
+
 VARIANTS = {
     "default": {},
     "no_conv": {"use_short_conv": False, "value_bias": False},  # DeepSeek-V4.1's form

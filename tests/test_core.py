@@ -279,6 +279,76 @@ def test_gpt_cached_decode_equals_full(ref_tokenizer, hc_mult, variant):
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["full", "lite", "noconv"])
+def test_gpt_static_cache_equals_the_growing_one(ref_tokenizer, variant):
+    """A static cache (preallocated, updated in place) gives the logits of the growing cache,
+    chunk by chunk, and the same greedy tokens through generate, which reuses it."""
+    model = tiny_gpt(ref_tokenizer, **VARIANTS[variant])
+    ids = torch.randint(0, len(ref_tokenizer), (2, 30), generator=torch.Generator().manual_seed(1))
+    dyn, stat, s = model.new_cache(), model.new_cache(static=True, batch_size=2), 0
+    for n in (7, 1, 11, 1):
+        torch.testing.assert_close(model(ids[:, s:s + n], cache=stat)[0], model(ids[:, s:s + n], cache=dyn)[0],
+                                   atol=1e-5, rtol=0)
+        s += n
+    assert dyn.length == int(stat.pos) == s
+    if dyn.history is not None:
+        assert torch.equal(stat.history, dyn.history)
+    for i, st in dyn.engram.items():
+        if st.conv is not None:
+            torch.testing.assert_close(stat.engram[i].conv, st.conv, atol=1e-6, rtol=0)
+    want = model.generate(ids[:, :9], 12, temperature=0)
+    first = model.generate(ids[:, :9], 12, temperature=0, static_cache=True)
+    cache = model._static_caches[(2, torch.device("cpu"), torch.float32)]
+    kv_ptr = cache.kv[0][0].data_ptr()
+    again = model.generate(ids[:, :9], 12, temperature=0, static_cache=True)  # the same cache, cleared
+    assert torch.equal(first, want) and torch.equal(again, want)
+    assert model._static_caches[(2, torch.device("cpu"), torch.float32)].kv[0][0].data_ptr() == kv_ptr
+
+
+def test_generate_says_to_use_the_static_cache_when_cuda_graphs_refuse_the_growing_one(ref_tokenizer, monkeypatch):
+    """CUDA graphs (``mode="reduce-overhead"``) cannot replay a step whose inputs are the last
+    graph's outputs, which the growing cache's are; generate turns torch's error into the fix."""
+    model = tiny_gpt(ref_tokenizer)
+    prompt = torch.randint(0, 4000, (1, 4))
+    calls = []
+
+    def replaying_step(*args, **kwargs):  # the error cudagraph trees raise on the second step
+        calls.append(kwargs["cache"])
+        if len(calls) > 1 and not kwargs["cache"].static:
+            raise RuntimeError("Error: accessing tensor output of CUDAGraphs that has been overwritten by a "
+                               "subsequent run.")
+        return torch.zeros(1, args[0].shape[1], 16), None
+
+    monkeypatch.setattr(model, "forward", replaying_step)
+    with pytest.raises(RuntimeError, match=r"generate\(\.\.\., static_cache=True\)"):
+        model.generate(prompt, 3, temperature=0)
+    assert model.generate(prompt, 3, temperature=0, static_cache=True).shape == (1, 7)
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="^something else$"):
+        model.generate(prompt, 3, temperature=0)
+
+
+def test_gpt_static_cache_with_left_padding_and_reorder(ref_tokenizer):
+    model = tiny_gpt(ref_tokenizer)
+    real = torch.randint(5, 4000, (1, 10), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.cat([torch.full((1, 6), 3), real], 1), torch.randint(5, 4000, (1, 16))], 0)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :6] = 0
+    dyn, stat = model.new_cache(), model.new_cache(static=True, batch_size=2)
+    a, b = model(padded, cache=dyn, attention_mask=mask)[0], model(padded, cache=stat, attention_mask=mask)[0]
+    torch.testing.assert_close(b[:, 6:], a[:, 6:], atol=1e-5, rtol=0)
+    index = torch.tensor([1, 0])
+    dyn.reorder(index), stat.reorder(index)
+    nxt = torch.tensor([[7], [9]])
+    mask = torch.cat([mask.index_select(0, index), torch.ones(2, 1, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(nxt, cache=stat, attention_mask=mask)[0],
+                               model(nxt, cache=dyn, attention_mask=mask)[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="holds 2 sequences"):
+        model(nxt[:1], cache=stat)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.new_cache(static=True, batch_size=0)
+
+
 def test_gpt_left_padding_matches_unpadded(ref_tokenizer):
     model = tiny_gpt(ref_tokenizer)
     real = torch.randint(5, 4000, (1, 10), generator=torch.Generator().manual_seed(2))

@@ -170,3 +170,50 @@ def test_compress_cuda_ids_equals_cpu():
     ct = tiny_tokenizer()
     ids = torch.arange(97).view(1, -1)
     assert torch.equal(ct.compress(ids.to(DEV)).cpu(), ct.compress(ids))
+
+
+def test_compiled_decode_on_cuda_is_one_graph_without_host_syncs():
+    """``fullgraph=True`` on CUDA: the prompt and cached decode steps (hash, lookup, gate, conv,
+    cache update) trace into one graph each, equal eager, and the compiled steps read nothing
+    back to the host, so ``mode="reduce-overhead"`` can capture them as CUDA graphs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = tiny_gpt(False).eval().to(DEV)  # the move puts the hash constants on the GPU
+    step = torch.compile(eager, dynamic=True, fullgraph=True)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEV)
+    try:
+        with torch.inference_mode():
+            ce, cc = eager.new_cache(), eager.new_cache()
+            torch.testing.assert_close(step(x, cache=cc)[0], eager(x, cache=ce)[0], rtol=1e-4, atol=1e-4)
+            for t in range(5):
+                nxt = torch.tensor([[5 + t], [40 + t]], device=DEV)
+                if t >= 2:  # compiled by now (steps 0-1 may compile): no synchronisation inside
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    got = step(nxt, cache=cc)[0]
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                torch.testing.assert_close(got, eager(nxt, cache=ce)[0], rtol=1e-4, atol=1e-4)
+            assert torch.equal(cc.history, ce.history)
+            torch.testing.assert_close(cc.engram[1].conv, ce.engram[1].conv, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_reduce_overhead_generate_on_cuda_equals_eager():
+    """``model.compile(mode="reduce-overhead")`` (CUDA graphs) with ``generate(static_cache=True)``
+    decodes the same greedy tokens as eager, on the recording call and on replaying ones."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_gpt(False).eval().to(DEV)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3)).to(DEV)
+    want = model.generate(prompt, 10, temperature=0)
+    assert torch.equal(model.generate(prompt, 10, temperature=0, static_cache=True), want)  # eager, static
+    try:
+        model.compile(mode="reduce-overhead")  # static shapes: one graph for the prompt, one per decode step
+        runs = [model.generate(prompt, 10, temperature=0, static_cache=True) for _ in range(3)]
+        assert all(torch.equal(r, want) for r in runs)
+    finally:
+        torch._dynamo.reset()

@@ -233,10 +233,11 @@ def bench_table(base_rows: int, mults: list[int], shape: tuple[int, int], reps: 
 
 
 def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_tokens: int, reps: int,
-                   warmup: int = 1) -> dict[str, float]:
-    """Median seconds of greedy ``generate`` (KV cache) for each model, interleaved."""
-    return interleaved({k: (lambda m=m: m.generate(prompt, new_tokens, temperature=0)) for k, m in models.items()},
-                       reps, warmup=warmup, device=prompt.device)
+                   warmup: int = 1, static_cache: bool = False) -> dict[str, float]:
+    """Median seconds of greedy ``generate`` (KV cache; ``static_cache``: the static one) for each
+    model, interleaved."""
+    return interleaved({k: (lambda m=m: m.generate(prompt, new_tokens, temperature=0, static_cache=static_cache))
+                        for k, m in models.items()}, reps, warmup=warmup, device=prompt.device)
 
 
 def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1,

@@ -178,8 +178,18 @@ class NgramHashMapping(nn.Module):
             return self._cpu
         if device not in self._on_device:
             mult, primes, _ = self._cpu
-            self._on_device[device] = (mult.to(device), primes.to(device), None)
+            self._on_device[device] = (static_in_graphs(mult.to(device)), static_in_graphs(primes.to(device)), None)
         return self._on_device[device]
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving the model (``model.to("cuda")``) copies the constants to that device now, so that
+        # a compiled first step finds them instead of creating them inside its graph.
+        out = super()._apply(fn, recurse)
+        device = fn(self._cpu[0]).device
+        if device.type not in ("cpu", "meta"):
+            self._tables(device)
+            self.compressed.table_on(device)
+        return out
 
     def _split(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
         return {lid: rows[i] for i, lid in enumerate(self.layer_ids)}  # {layer: (B, T, H)}

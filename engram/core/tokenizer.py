@@ -92,6 +92,19 @@ def static_in_graphs(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def static_address(t: torch.Tensor) -> torch.Tensor:
+    """Mark a buffer that is updated in place and reused across calls (a static decode cache) as
+    a fixed address for ``torch.compile``: CUDA graphs then read and write it where it is instead
+    of copying it in at every replay. What ``torch._dynamo.mark_static_address(t)`` does (not
+    guarded: a new buffer re-records the graphs rather than recompiling), without importing dynamo."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.mark_static_address(t)
+    else:
+        t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+    return t
+
+
 class CompressedTokenizer:
     """Maps raw token ids to canonical (compressed) ids.
 

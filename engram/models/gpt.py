@@ -24,6 +24,7 @@ from engram.config import EngramConfig
 from engram.core.hashing import NgramHashMapping
 from engram.nn.memory import table_parameters
 from engram.nn.module import Engram, EngramLayerState
+from engram.core.tokenizer import static_address
 from engram.core.validation import check_ids, ids_checks_forced
 
 
@@ -105,11 +106,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: list[torch.Tensor] | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
+                kv: list[torch.Tensor] | None, pad_mask: torch.Tensor | None,
+                write_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``write_pos`` (T,): a static cache's slots for the new tokens (``kv`` then holds two
+        ``(B, nh, S_max, hd)`` buffers, written in place; queries attend over all S_max slots,
+        masked causally by slot)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
+        if write_pos is not None:  # static cache: fixed shapes, updated in place
+            kv[0].index_copy_(2, write_pos, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, write_pos, v.to(kv[1].dtype))
+            k, v = kv  # (B, nh, S_max, hd)
+        elif kv is not None:
             if kv:
                 k = torch.cat([kv[0], k], dim=2)  # (B, nh, S, hd)
                 v = torch.cat([kv[1], v], dim=2)
@@ -118,7 +127,8 @@ class Attention(nn.Module):
         if S == T and pad_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            i = torch.arange(T, device=x.device)[:, None] + (S - T)
+            # i: the queries' slots (T, 1)
+            i = write_pos[:, None] if write_pos is not None else torch.arange(T, device=x.device)[:, None] + (S - T)
             mask = torch.arange(S, device=x.device)[None, :] <= i  # (T, S) causal
             if pad_mask is not None:
                 # Every query sees itself, so padding rows stay finite (they are never attended).
@@ -163,26 +173,58 @@ class Block(nn.Module):
         self.engram = (Engram(cfg.engram, layer_id, table_sizes, table_device=table_device)
                        if table_sizes is not None else None)
 
-    def forward(self, h, hash_ids, cos, sin, kv, pad_mask, engram_state, token_mask):
+    def forward(self, h, hash_ids, cos, sin, kv, pad_mask, engram_state, token_mask, write_pos=None):
         # h: (B, T, M, D)
         if self.engram is not None:
             h = h + self.engram(h, hash_ids[self.layer_id], engram_state, token_mask)
-        h = self.hc_attn(h, lambda x: self.attn(self.ln1(x), cos, sin, kv, pad_mask))
+        h = self.hc_attn(h, lambda x: self.attn(self.ln1(x), cos, sin, kv, pad_mask, write_pos))
         h = self.hc_mlp(h, lambda x: self.mlp(self.ln2(x)))
         return h
 
 
 @dataclass
 class GPTCache:
-    """Decode state of one batch: KV per block, Engram n-gram history and conv state, length."""
+    """Decode state of one batch: KV per block, Engram n-gram history and conv state, length.
+
+    Two forms (:meth:`EngramGPT.new_cache`): dynamic (default; the tensors grow by concatenation,
+    as many tokens as seen) and static (``pos`` set: every tensor preallocated at its final
+    shape, ``block_size`` slots of KV, and updated in place, so a compiled decode step has fixed
+    shapes and fixed addresses and CUDA graphs can replay it).
+    """
 
     kv: list[list[torch.Tensor]] = field(default_factory=list)
     history: torch.Tensor | None = None  # (B, N-1) compressed ids
     engram: dict[int, EngramLayerState] = field(default_factory=dict)
-    pad_mask: torch.Tensor | None = None  # (B, S) True = real token
-    length: int = 0
+    pad_mask: torch.Tensor | None = None  # (B, S) True = real token; static: (B, S_max)
+    length: int = 0  # tokens seen (dynamic caches; a static one counts on the device, in ``pos``)
+    pos: torch.Tensor | None = None  # static: (1,) long, tokens seen = slots written
+    pad_id: int = 0  # static: the compressed pad id the history restarts from
+
+    @property
+    def static(self) -> bool:
+        return self.pos is not None
+
+    def clear(self) -> None:
+        """Back to an empty sequence (static caches: in place, keeping every address)."""
+        if not self.static:
+            self.kv, self.history, self.engram, self.pad_mask = [[] for _ in self.kv], None, {}, None
+        else:
+            for t in (*(t for pair in self.kv for t in pair), *(s.conv for s in self.engram.values()), self.pos):
+                if t is not None:
+                    t.zero_()
+            self.pad_mask.fill_(True)
+            if self.history is not None:
+                self.history.fill_(self.pad_id)
+        self.length = 0
 
     def reorder(self, index: torch.Tensor) -> None:
+        if self.static:
+            for t in (*(t for pair in self.kv for t in pair), self.history, self.pad_mask):
+                if t is not None:
+                    t.copy_(t.index_select(0, index))
+            for s in self.engram.values():
+                s.reorder(index)  # in place for a static state
+            return
         self.kv = [[t.index_select(0, index) for t in pair] for pair in self.kv]
         if self.history is not None:
             self.history = self.history.index_select(0, index)
@@ -256,8 +298,39 @@ class EngramGPT(nn.Module):
         return {"dense": sum(p.numel() for p in self.dense_parameters()), "table": table}
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self) -> GPTCache:
-        return GPTCache(kv=[[] for _ in self.blocks])
+    def new_cache(self, static: bool = False, batch_size: int = 1) -> GPTCache:
+        """An empty decode cache for :meth:`forward`.
+
+        ``static=True``: preallocated for ``batch_size`` sequences of up to ``block_size`` tokens
+        on the model's device, updated in place (fixed shapes and addresses: what
+        ``torch.compile(mode="reduce-overhead")``'s CUDA graphs need; :meth:`generate` with
+        ``static_cache=True`` keeps one per batch size and clears it). It holds
+        ``2 * n_layer * batch_size * block_size * n_embd`` KV values whatever the length.
+        """
+        if not static:
+            return GPTCache(kv=[[] for _ in self.blocks])
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        p = self.lm_head.weight
+        cfg, B = self.config, batch_size
+        nh, hd = cfg.n_head, cfg.n_embd // cfg.n_head
+        kv = [[p.new_zeros(B, nh, cfg.block_size, hd) for _ in range(2)] for _ in self.blocks]
+        cache = GPTCache(kv=kv, pad_mask=torch.ones(B, cfg.block_size, dtype=torch.bool, device=p.device),
+                         pos=torch.zeros(1, dtype=torch.long, device=p.device))
+        if self.hashing is not None:
+            cache.pad_id = self.hashing.pad_id
+            cache.history = self.hashing.initial_history(B, p.device)
+            for i, block in enumerate(self.blocks):
+                if block.engram is not None:
+                    conv = getattr(block.engram, "short_conv", None)  # absent without the conv (and lite)
+                    cache.engram[i] = EngramLayerState(
+                        conv=None if conv is None else p.new_zeros(B, conv.state_len, cfg.hc_mult * cfg.n_embd),
+                        static=True)
+        for t in (*(t for pair in kv for t in pair), cache.pad_mask, cache.pos, cache.history,
+                  *(s.conv for s in cache.engram.values())):
+            if t is not None:
+                static_address(t)
+        return cache
 
     def _prepare(self, input_ids: torch.Tensor, cache: GPTCache | None, attention_mask: torch.Tensor | None,
                  hash_ids: dict[int, torch.Tensor] | None,
@@ -272,6 +345,8 @@ class EngramGPT(nn.Module):
         input_ids = input_ids.long()  # any integer dtype in
         if self._checks_every_step(input_ids):
             self.check_id_range(input_ids)
+        if cache is not None and cache.static:
+            return self._prepare_static(input_ids, cache, attention_mask, hash_ids, doc_starts)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -296,6 +371,33 @@ class EngramGPT(nn.Module):
             if cache is not None:
                 cache.history = history  # (B, N-1)
         return pad_mask, new_mask, hash_ids
+
+    def _prepare_static(self, input_ids: torch.Tensor, cache: GPTCache, attention_mask: torch.Tensor | None,
+                        hash_ids: dict[int, torch.Tensor] | None,
+                        doc_starts: torch.Tensor | None) -> tuple[Any, Any, Any]:
+        """:meth:`_prepare` for a static cache: the padding mask is the cache's (B, S_max) buffer,
+        with the new tokens' columns written in place; the history is copied into its buffer.
+        The token count lives on the device (``cache.pos``), so the host reads nothing: past
+        ``block_size`` the step fails in the graph (an assert), and of ``attention_mask`` only
+        the last T columns (the new tokens) are read."""
+        B, T = input_ids.shape
+        S_max = cache.pad_mask.shape[1]
+        if cache.pad_mask.shape[0] != B:
+            raise ValueError(f"the static cache holds {cache.pad_mask.shape[0]} sequences, input_ids {B}")
+        if T > S_max:
+            raise ValueError(f"sequence length {T} exceeds block_size={S_max}")
+        torch._assert_async((cache.pos + T <= S_max).all(), f"the static cache is full: block_size={S_max}")
+        write = cache.pos + torch.arange(T, device=cache.pos.device)  # (T,) the new tokens' slots
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be ({B}, S) with S >= {T} (its last {T} columns are the "
+                                 f"new tokens), got {tuple(attention_mask.shape)}")
+            cache.pad_mask.index_copy_(1, write, attention_mask[:, attention_mask.shape[1] - T:].bool())
+        new_mask = cache.pad_mask.index_select(1, write)  # (B, T)
+        if self.hashing is not None and hash_ids is None:
+            hash_ids, history = self.hashing.hash_step(input_ids, cache.history, new_mask, doc_starts=doc_starts)
+            cache.history.copy_(history)  # (B, N-1)
+        return cache.pad_mask, new_mask, hash_ids
 
     @staticmethod
     def _checks_every_step(input_ids: torch.Tensor) -> bool:
@@ -340,12 +442,17 @@ class EngramGPT(nn.Module):
         if targets is not None and input_ids.shape[1] == 0:
             raise ValueError("forward with targets needs at least one token (T=0 has no loss)")
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        start = cache.length if cache is not None and not cache.static else 0
+        write_pos = None  # a static cache's slots for the new tokens (T,)
+        if cache is not None and cache.static:
+            write_pos = cache.pos + torch.arange(T, device=cache.pos.device)
+            positions = write_pos
+        else:
+            positions = torch.arange(start, start + T, device=input_ids.device)
         if pad_mask is not None:
             # Left padding: positions count real tokens only, so a padded row matches its unpadded run.
             pos_all = (pad_mask.long().cumsum(1) - 1).clamp_min(0)  # (B, S)
-            positions = pos_all[:, start : start + T]  # (B, T)
+            positions = pos_all[:, start : start + T] if write_pos is None else pos_all.index_select(1, write_pos)  # (B, T)
         cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions.reshape(-1), self.config.rope_theta)
         if positions.ndim == 2:
             cos = cos.view(B, 1, T, -1)
@@ -358,8 +465,10 @@ class EngramGPT(nn.Module):
                 est = cache.engram.get(i)
                 if est is None:
                     est = cache.engram[i] = EngramLayerState()
-            h = block(h, hash_ids, cos, sin, kv, pad_mask, est, new_mask)
-        if cache is not None:
+            h = block(h, hash_ids, cos, sin, kv, pad_mask, est, new_mask, write_pos)
+        if cache is not None and cache.static:
+            cache.pos.add_(T)  # counted on the device: a host int would key a new CUDA graph per step
+        elif cache is not None:
             cache.length = start + T
         logits = self.lm_head(self.ln_f(h.sum(2)))  # (B, T, V)
         loss = None
@@ -369,12 +478,17 @@ class EngramGPT(nn.Module):
 
     @torch.inference_mode()  # no autograd bookkeeping: cheaper per op than no_grad
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 static_cache: bool = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``input_ids`` (B, T) with a KV cache; temperature 0 = greedy.
 
         The prompt's ids are range-checked once here; the decode steps after it read no value
-        back to the host (sampled ids are in range by construction), so a compiled model
-        (``model.compile(mode="reduce-overhead")`` on CUDA) can replay them as graphs.
+        back to the host (sampled ids are in range by construction). ``static_cache=True``
+        decodes with a static cache (:meth:`new_cache`), kept per batch size and device and
+        cleared in place for each call, and marks each step's start for CUDA graphs: with it a
+        model compiled with ``mode="reduce-overhead"`` on CUDA records the prompt and the
+        decode step once and replays them (with the default growing cache every step has new
+        shapes, which CUDA graphs cannot replay).
         """
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"generate needs a prompt of shape (B, T) with T >= 1, got {tuple(input_ids.shape)}")
@@ -386,16 +500,43 @@ class EngramGPT(nn.Module):
             raise ValueError(f"top_k={top_k!r} must be an int >= 1 or None (no truncation)")
         if not self._checks_every_step(input_ids):  # else the first forward checks the prompt
             self.check_id_range(input_ids)
-        cache = self.new_cache()
-        logits, _ = self(input_ids, cache=cache)
-        out = [input_ids]
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
-            out.append(nxt)
-            if cache.length >= self.config.block_size:
-                break
-            logits, _ = self(nxt, cache=cache)
+        if static_cache:
+            cache = self._static_cache(input_ids.shape[0])
+            step_begins = torch.compiler.cudagraph_mark_step_begin  # last step's outputs are dead
+        else:
+            cache, step_begins = self.new_cache(), (lambda: None)
+        try:
+            step_begins()
+            logits, _ = self(input_ids, cache=cache)
+            out, seen = [input_ids], input_ids.shape[1]
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+                out.append(nxt)
+                if seen >= self.config.block_size:
+                    break
+                step_begins()
+                logits, _ = self(nxt, cache=cache)
+                seen += 1
+        except RuntimeError as err:
+            if static_cache or "CUDAGraphs" not in str(err):
+                raise
+            raise RuntimeError("a model compiled with mode=\"reduce-overhead\" (CUDA graphs) decodes with "
+                               "generate(..., static_cache=True): the default cache grows every step, so each "
+                               "step's inputs are the last graph's outputs") from err
         return torch.cat(out, dim=1)
+
+    def _static_cache(self, batch_size: int) -> GPTCache:
+        """:meth:`generate`'s static cache for ``batch_size`` on the model's device, cleared (one
+        per batch size, device and dtype, reused so its addresses stay fixed)."""
+        p = self.lm_head.weight
+        key = (batch_size, p.device, p.dtype)
+        caches = self.__dict__.setdefault("_static_caches", {})  # not state: no buffers, no checkpoint
+        cache = caches.get(key)
+        if cache is None:
+            cache = caches[key] = self.new_cache(static=True, batch_size=batch_size)
+        else:
+            cache.clear()
+        return cache
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,

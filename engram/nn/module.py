@@ -45,11 +45,17 @@ class EngramLayerState:
 
     conv: torch.Tensor | None = None
     keep: bool = False
+    static: bool = False  # ``conv`` is a preallocated (B, W, M*D) buffer, updated in place (a static cache)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search)."""
-        if self.conv is not None:
-            self.conv = self.conv.index_select(0, index.to(self.conv.device))
+        if self.conv is None:
+            return
+        rows = self.conv.index_select(0, index.to(self.conv.device))
+        if self.static:
+            self.conv.copy_(rows)
+        else:
+            self.conv = rows
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -140,7 +146,9 @@ class ShortConv(nn.Module):
         else:
             past = xn.new_zeros(B, W, C)
         window = torch.cat([past[:, past.shape[1] - W :], xn], dim=1)  # (B, W+T, C)
-        if state is not None:  # recording (keep): every row until the cache crops; else the last W
+        if state is not None and state.static:  # a static cache: the last W, in place
+            state.conv.copy_(window[:, T:])
+        elif state is not None:  # recording (keep): every row until the cache crops; else the last W
             new = torch.cat([past, xn], dim=1) if state.keep else window[:, T:]
             state.conv = new.detach()
         # The depthwise dilated causal conv by its definition (what F.conv1d(groups=C) computes):

@@ -26,6 +26,9 @@ def test_engram_bench_quick_writes_json_markdown_and_plots(tmp_path, capsys):
         assert (out / f).read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "--out", str(out), "--only", "hashing,nope"]) == 2
     assert "unknown sections" in capsys.readouterr().err
+    assert main(["bench", "--out", str(out), "--only", "decode", "--compile-mode", "reduce-overhead"]) == 2
+    assert "--compile-mode needs --compile" in capsys.readouterr().err
+    assert r["decode"]["compiled"] is False and r["decode"]["compile_mode"] is None
 
 
 def test_docs_performance_example_runs():

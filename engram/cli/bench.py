@@ -241,17 +241,21 @@ def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_token
 
 
 def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", compile_mode: str | None = None) -> dict[str, Any]:
     """Greedy decode tokens/s (16-token prompt, KV cache), Engram vs none; with ``compile`` both
-    models run ``model.compile(dynamic=True)`` (compiled in the untimed warm-up)."""
+    models run ``model.compile(dynamic=True, mode=compile_mode)`` (compiled in the untimed
+    warm-up). ``compile_mode="reduce-overhead"`` (CUDA graphs) decodes with the static cache."""
     base, eng = bench_gpt(None).to(device), bench_gpt(rows).to(device)
     base.eval(), eng.eval()
     if compile:
         for m in (base, eng):
-            m.compile(dynamic=True)
+            m.compile(dynamic=True, mode=compile_mode)
+    static = compile and compile_mode == "reduce-overhead"
     prompt = torch.randint(0, VOCAB, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps, warmup=2 if compile else 1)
+    med = decode_seconds({"base": base, "engram": eng}, prompt, new_tokens, reps, warmup=2 if compile else 1,
+                         static_cache=static)
     return {"new_tokens": new_tokens, "batch": batch, "compiled": compile,
+            "compile_mode": (compile_mode or "default") if compile else None, "static_cache": static,
             "tok_s": {k: batch * new_tokens / v for k, v in med.items()},
             "engram_vs_base": med["base"] / med["engram"]}
 
@@ -327,7 +331,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append("")
     if "decode" in r:
         d = r["decode"]
-        how = "compiled (model.compile(dynamic=True))" if d.get("compiled") else "eager"
+        mode = d.get("compile_mode") or "default"
+        how = (f"compiled (model.compile(dynamic=True{'' if mode == 'default' else f', mode={mode!r}'}))"
+               + (", static cache" if d.get("static_cache") else "")) if d.get("compiled") else "eager"
         lines += [f"## Decode ({d['new_tokens']} new tokens, B={d.get('batch', 1)}, {how})\n",
                   f"Base {d['tok_s']['base']:.0f} tok/s, Engram {d['tok_s']['engram']:.0f} tok/s "
                   f"({d['engram_vs_base']:.2f} of base).\n"]
@@ -412,6 +418,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak-RSS child processes")
     p.add_argument("--compile", action="store_true", help="decode: both models under model.compile(dynamic=True)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                   help="decode with --compile: torch.compile's mode (reduce-overhead: CUDA graphs, decoding "
+                        "with the static cache)")
     p.add_argument("--batch", type=int, default=1, help="decode: prompts per batch (default 1)")
     p.add_argument("--device", default="cpu", help="seq, table, decode: the models' device (cpu, cuda, ...); "
                    "hashing and lookup run on the CPU, where training hashes")
@@ -461,7 +471,11 @@ def run(args: argparse.Namespace) -> int:
     if "decode" in only:
         if args.batch < 1:
             raise ValueError(f"--batch={args.batch} must be >= 1")
-        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch, device)
+        mode = None if args.compile_mode in (None, "default") else args.compile_mode
+        if mode is not None and not args.compile:
+            raise ValueError("--compile-mode needs --compile")
+        r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch, device,
+                                   compile_mode=mode)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     r["plots"] = plot(r, out)
     (out / "bench.json").write_text(json.dumps(r, indent=1))

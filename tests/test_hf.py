@@ -170,20 +170,28 @@ def test_activation_checkpointing_equals_plain_backward(family, tok):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_wrapper_equals_eager(tok):
-    """``model.compile(dynamic=True)`` on the wrapper: the hash runs eagerly, the rest compiles."""
+    """``model.compile(dynamic=True, fullgraph=True)`` on the wrapper: every step (the id check as
+    an assert in the graph, the hash, the hooks, the backbone) is one graph with no graph break,
+    equal to eager through ``generate``; a bad id still raises."""
     import torch._dynamo
 
     torch._dynamo.reset()
     eager = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(layer_ids=[1]), tok))
     compiled = copy.deepcopy(eager)
-    compiled.compile(dynamic=True)
+    compiled.compile(dynamic=True, fullgraph=True)
     ids, mask = left_padded_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits,
-                                   rtol=1e-5, atol=1e-5)
-    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
-    assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, attention_mask=mask).logits,
+                                       eager(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+            bad = ids.clone()
+            bad[0, 3] = V + 5
+            with pytest.raises(RuntimeError, match="vocabulary"):
+                compiled(bad, attention_mask=mask)
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+        assert torch.equal(compiled.generate(ids, **kw), eager.generate(ids, **kw))
+    finally:
+        torch._dynamo.reset()
 
 
 def test_assisted_decoding_equals_greedy_and_crops_the_engram_cache(tok, monkeypatch):

@@ -606,7 +606,12 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if input_ids.device.type == "cpu" or ids_checks_forced():  # elsewhere it would stall the host
-            self.check_input_ids(input_ids)
+            if torch.compiler.is_compiling():  # in a graph: an assert there, no read-back (no graph break)
+                n = self.num_valid_ids
+                torch._assert_async(((input_ids >= 0) & (input_ids < n)).all(),
+                                    f"input_ids must be in [0, {n}), the model's vocabulary (vocabulary size {n})")
+            else:
+                self.check_input_ids(input_ids)
         B, T = input_ids.shape
         if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != (B, T):
             raise ValueError(

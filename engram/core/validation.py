@@ -33,6 +33,13 @@ def check_ids(ids: np.ndarray | torch.Tensor, vocab_size: int | None, name: str 
         raise ValueError(f"{name} has id {top} >= the tokenizer's vocabulary size {vocab_size}")
 
 
+def assert_ids_in_vocab(ids: torch.Tensor, n: int) -> None:
+    """Inside a compiled graph: an assert that every id is in ``[0, n)``, raised as ``RuntimeError``
+    when the graph runs; nothing is read back to the host, so the graph does not break (the eager
+    checks read the range back and raise ``ValueError``)."""
+    torch._assert_async(((ids >= 0) & (ids < n)).all(), f"input_ids must be in [0, {n}), the model's vocabulary size")
+
+
 def ids_checks_forced() -> bool:
     """``ENGRAM_CHECK_IDS=1``: range-check ids on accelerators too, at the cost of a host sync per
     forward (on the CPU they are always checked; it costs nothing there)."""

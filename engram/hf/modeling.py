@@ -46,7 +46,7 @@ import engram.hf.compat as hf_compat
 from engram.config import EngramConfig
 from engram.core.hashing import NgramHashMapping, check_same_compression, head_table_sizes
 from engram.core.tokenizer import CompressedTokenizer
-from engram.core.validation import check_ids, ids_checks_forced
+from engram.core.validation import assert_ids_in_vocab, check_ids, ids_checks_forced
 from engram.hf.cache import EngramCacheLayer, engram_cache_layer
 from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
 from engram.hf.compat import initialization as init
@@ -607,9 +607,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if input_ids.device.type == "cpu" or ids_checks_forced():  # elsewhere it would stall the host
             if torch.compiler.is_compiling():  # in a graph: an assert there, no read-back (no graph break)
-                n = self.num_valid_ids
-                torch._assert_async(((input_ids >= 0) & (input_ids < n)).all(),
-                                    f"input_ids must be in [0, {n}), the model's vocabulary (vocabulary size {n})")
+                assert_ids_in_vocab(input_ids, self.num_valid_ids)
             else:
                 self.check_input_ids(input_ids)
         B, T = input_ids.shape

@@ -25,7 +25,7 @@ from engram.core.hashing import NgramHashMapping
 from engram.nn.memory import table_parameters
 from engram.nn.module import Engram, EngramLayerState
 from engram.core.tokenizer import static_address
-from engram.core.validation import check_ids, ids_checks_forced
+from engram.core.validation import assert_ids_in_vocab, check_ids, ids_checks_forced
 
 
 @dataclass
@@ -412,8 +412,7 @@ class EngramGPT(nn.Module):
         (``RuntimeError`` with the same message), which reads nothing back."""
         V = self.config.vocab_size
         if torch.compiler.is_compiling():  # in a graph: an assert there, no read-back (no graph break)
-            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
-                                f"input_ids must be in [0, {V}), the model's vocabulary size")
+            assert_ids_in_vocab(input_ids, V)
         elif input_ids.numel():  # both bounds in one pass
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0:

@@ -248,7 +248,11 @@ def main() -> None:
             b, e = res["decode_parts"]["base"].get(name), res["decode_parts"]["engram"][name]
             print(f"decode_parts {name:14s} base {'-' if b is None else f'{b:7.1f}':>7} engram {e:7.1f} us/forward",
                   flush=True)
-    if "compiled" in only:  # batch 1 and 8: eager, then both models under model.compile(dynamic=True)
+    if "compiled" in only:  # batch 1 and 8: eager, then the models under model.compile(dynamic=True)
+        # Three compiled models share one dynamo cache of `forward` (GPT 2 graphs, each Engram model
+        # 3 per batch class): more than the default limit of 8.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 16))
         for batch in (1, 8):
             # Every compiled model in a process shares one dynamo cache of `forward` (at most
             # torch._dynamo.config.recompile_limit = 8 graphs); batch 1 and batch > 1 compile apart.
@@ -256,16 +260,25 @@ def main() -> None:
             torch._dynamo.reset()
             base = gpt(tok, None).eval().to(args.device)
             eng = gpt(tok, 20000, sparse).eval().to(args.device)
+            # The same Engram model (same seed, same weights) after EngramGPT.fuse_projections():
+            # its key and value projections as one matmul, the decode recipe of docs/performance.md.
+            fused = gpt(tok, 20000, sparse).eval().to(args.device).fuse_projections()
             res[f"decode_eager_b{batch}"] = decode_ratio(base, eng, args.reps, batch=batch)
             print(f"decode_eager_b{batch}", res[f"decode_eager_b{batch}"], flush=True)
             for spec in args.compile_modes.split(","):
                 mode, _, cache = spec.partition("+")  # "+static": generate with the static cache
                 static = cache == "static" or mode == "reduce-overhead"  # CUDA graphs need it
                 torch._dynamo.reset()
-                for m in (base, eng):
+                for m in (base, eng, fused):
                     m.compile(dynamic=True, mode=None if mode == "default" else mode)
                 key = f"decode_compiled_b{batch}" + ("" if spec == "default" else f"_{spec}")
-                res[key] = decode_ratio(base, eng, args.reps, warmup=2, batch=batch, static_cache=static)
+                # One process, ABAB...: base, Engram, Engram with fused projections, interleaved.
+                prompt = torch.randint(0, 4096, (batch, 16)).to(args.device)
+                med = decode_seconds({"base": base, "engram": eng, "fused": fused}, prompt, 64, args.reps,
+                                     warmup=2, static_cache=static)
+                res[key] = {"base_tok_s": batch * 64 / med["base"], "engram_tok_s": batch * 64 / med["engram"],
+                            "ratio": med["base"] / med["engram"],
+                            "fused_tok_s": batch * 64 / med["fused"], "fused_ratio": med["base"] / med["fused"]}
                 print(key, res[key], flush=True)
     res["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(res, indent=1))

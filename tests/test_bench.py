@@ -29,6 +29,12 @@ def test_engram_bench_quick_writes_json_markdown_and_plots(tmp_path, capsys):
     assert main(["bench", "--out", str(out), "--only", "decode", "--compile-mode", "reduce-overhead"]) == 2
     assert "--compile-mode needs --compile" in capsys.readouterr().err
     assert r["decode"]["compiled"] is False and r["decode"]["compile_mode"] is None
+    assert r["decode"]["fused_projections"] is False
+    assert main(["bench", "--out", str(out / "f"), "--only", "decode", "--quick", "--no-rss", "--threads", "1",
+                 "--fuse-projections"]) == 0
+    fused = json.loads((out / "f" / "bench.json").read_text())["decode"]
+    assert fused["fused_projections"] is True and fused["tok_s"]["engram"] > 0
+    assert "Engram projections fused" in (out / "f" / "bench.md").read_text()
 
 
 def test_docs_performance_example_runs():

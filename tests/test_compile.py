@@ -18,13 +18,16 @@ needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++
 
 @pytest.mark.slow
 @needs_cxx
-def test_compiled_model_equals_eager_in_forward_and_cached_generate():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_model_equals_eager_in_forward_and_cached_generate(fuse):
     """``model.compile(dynamic=True)``: same logits and tokens as eager, and bad ids still raise
-    (from an assert inside the graph)."""
+    (from an assert inside the graph); ``fuse``: the decode recipe, ``fuse_projections()`` first."""
     import torch._dynamo
 
     torch._dynamo.reset()
     eager, compiled = tiny_gpt(True).eval(), tiny_gpt(True).eval()
+    if fuse:
+        compiled.fuse_projections()
     compiled.compile(dynamic=True)
     x = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

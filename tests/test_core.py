@@ -266,6 +266,34 @@ def tiny_gpt(ref_tokenizer, hc_mult=1, engram=True, **kw) -> EngramGPT:
 
 
 @pytest.mark.parametrize("hc_mult", [1, 2])
+def test_gpt_fuse_projections_keeps_outputs_decoding_and_checkpoints(ref_tokenizer, tmp_path, hc_mult):
+    """EngramGPT.fuse_projections: the same logits (full and cached), the same greedy tokens, and a
+    checkpoint saved after it loads in the fused layout with the same logits."""
+    from engram.training.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny_gpt(ref_tokenizer, hc_mult)
+    with torch.no_grad():
+        for e in model.engram_layers():
+            e.value_proj.weight.normal_(0, 0.3)
+    ids = torch.randint(0, len(ref_tokenizer), (2, 20), generator=torch.Generator().manual_seed(3))
+    ref, _ = model(ids)
+    tokens = model.generate(ids[:, :6], 10, temperature=0)
+    assert model.fuse_projections() is model
+    assert model.config.engram.fused_kv and model.hashing.config.fused_kv
+    assert all(e.config is model.config.engram for e in model.engram_layers())
+    out, _ = model(ids)
+    torch.testing.assert_close(out, ref)
+    cache = model.new_cache()
+    steps = [model(ids[:, :12], cache=cache)[0]] + [model(ids[:, t : t + 1], cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref)
+    assert torch.equal(model.generate(ids[:, :6], 10, temperature=0), tokens)
+    save_checkpoint(tmp_path / "ck", model, ref_tokenizer)
+    loaded = load_checkpoint(tmp_path / "ck").model.eval()
+    assert loaded.config.engram.fused_kv and hasattr(loaded.engram_layers()[0], "wkv")
+    torch.testing.assert_close(loaded(ids)[0], ref)
+
+
+@pytest.mark.parametrize("hc_mult", [1, 2])
 @pytest.mark.parametrize("variant", ["full", "lite", "noconv"])
 def test_gpt_cached_decode_equals_full(ref_tokenizer, hc_mult, variant):
     model = tiny_gpt(ref_tokenizer, hc_mult, **VARIANTS[variant])

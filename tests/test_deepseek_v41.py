@@ -279,6 +279,34 @@ def test_fused_kv_equals_separate_projections_with_gradients(bias):
     assert torch.equal(z(h, ids), torch.zeros_like(h)) and z.wkv.weight[: 2 * 32].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_projections_swap_equals_the_separate_projections_with_gradients(bias):
+    """Engram.fuse_projections (the inference swap) gives the fused_kv layout with the same
+    weights: the same outputs and input gradients as before the swap, and config.fused_kv set."""
+    cfg, sep = module_pair(value_bias=bias)
+    with torch.no_grad():
+        sep.value_proj.weight.normal_(0, 0.3)  # not the zero init: the value path must count
+        sep.short_conv.conv.weight.normal_()
+    h, ids = inputs(cfg, sep)
+    h1 = h.clone().requires_grad_()
+    y1 = sep(h1, ids)
+    (y1 * y1.detach().cos()).sum().backward()
+    k_w, v_w = sep.key_proj.weight.detach().clone(), sep.value_proj.weight.detach().clone()
+    assert sep.fuse_projections() and not sep.fuse_projections()  # the second call changes nothing
+    assert sep.config.fused_kv and not hasattr(sep, "key_proj") and not hasattr(sep, "value_proj")
+    assert torch.equal(sep.wkv.weight, torch.cat([k_w, v_w])) and (sep.wkv.bias is not None) == bias
+    assert "wkv.weight" in sep.state_dict() and sep.wkv.weight.requires_grad
+    h2 = h.clone().requires_grad_()
+    y2 = sep(h2, ids)
+    (y2 * y2.detach().cos()).sum().backward()
+    torch.testing.assert_close(y2, y1)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    # nothing to fuse: lite, or no gate (the value projection only)
+    for changes in ({"lite": True}, {"use_gate": False}):
+        _, other = module_pair(**changes)
+        assert not other.fuse_projections() and not other.config.fused_kv
+
+
 def test_gate_fp32_and_residual_form_equal_the_plain_path_in_float32():
     """In float32 the switches change no number: gate_fp32 (no-op casts; copysign differs from
     sign only at an exact 0) and residual=True (h + Y) equal the plain forward, gradients too."""

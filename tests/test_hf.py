@@ -489,6 +489,26 @@ def test_save_load_auto_identical_logits(tok, tmp_path):
     assert loaded.hashing.compressed.fingerprint() == CompressedTokenizer(tok).fingerprint()
 
 
+def test_fuse_projections_same_logits_and_saves_the_fused_layout(tok, tmp_path):
+    model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)).eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1)
+    assert model.fuse_projections() is model
+    assert model.engram_config.fused_kv and model.config.engram["fused_kv"]
+    assert all(hasattr(e, "wkv") and not hasattr(e, "key_proj") for e in model.engram.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1),
+                       tokens)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.engram_config.fused_kv
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, ref)
+
+
 def test_resize_token_embeddings_keeps_old_ngrams_and_grows_the_table(tok, tmp_path):
     model = randomise(EngramForCausalLM.from_base(tiny_base("gpt2"), tiny_engram(), tok)).eval()
     ids, mask = left_padded_batch()

@@ -241,12 +241,16 @@ def decode_seconds(models: dict[str, EngramGPT], prompt: torch.Tensor, new_token
 
 
 def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, batch: int = 1,
-                 device: str = "cpu", compile_mode: str | None = None) -> dict[str, Any]:
+                 device: str = "cpu", compile_mode: str | None = None,
+                 fuse_projections: bool = False) -> dict[str, Any]:
     """Greedy decode tokens/s (16-token prompt, KV cache), Engram vs none; with ``compile`` both
     models run ``model.compile(dynamic=True, mode=compile_mode)`` (compiled in the untimed
-    warm-up). ``compile_mode="reduce-overhead"`` (CUDA graphs) decodes with the static cache."""
+    warm-up). ``compile_mode="reduce-overhead"`` (CUDA graphs) decodes with the static cache.
+    ``fuse_projections``: the Engram model decodes after :meth:`EngramGPT.fuse_projections`."""
     base, eng = bench_gpt(None).to(device), bench_gpt(rows).to(device)
     base.eval(), eng.eval()
+    if fuse_projections:
+        eng.fuse_projections()
     if compile:
         for m in (base, eng):
             m.compile(dynamic=True, mode=compile_mode)
@@ -256,6 +260,7 @@ def bench_decode(new_tokens: int, reps: int, rows: int, compile: bool = False, b
                          static_cache=static)
     return {"new_tokens": new_tokens, "batch": batch, "compiled": compile,
             "compile_mode": (compile_mode or "default") if compile else None, "static_cache": static,
+            "fused_projections": fuse_projections,
             "tok_s": {k: batch * new_tokens / v for k, v in med.items()},
             "engram_vs_base": med["base"] / med["engram"]}
 
@@ -334,6 +339,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         mode = d.get("compile_mode") or "default"
         how = (f"compiled (model.compile(dynamic=True{'' if mode == 'default' else f', mode={mode!r}'}))"
                + (", static cache" if d.get("static_cache") else "")) if d.get("compiled") else "eager"
+        how += ", Engram projections fused" if d.get("fused_projections") else ""
         lines += [f"## Decode ({d['new_tokens']} new tokens, B={d.get('batch', 1)}, {how})\n",
                   f"Base {d['tok_s']['base']:.0f} tok/s, Engram {d['tok_s']['engram']:.0f} tok/s "
                   f"({d['engram_vs_base']:.2f} of base).\n"]
@@ -422,6 +428,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                             "max-autotune-no-cudagraphs"],
                    help="decode with --compile: torch.compile's mode (reduce-overhead: CUDA graphs, decoding "
                         "with the static cache)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="decode: fuse each Engram layer's key and value projections (EngramGPT.fuse_projections)")
     p.add_argument("--batch", type=int, default=1, help="decode: prompts per batch (default 1)")
     p.add_argument("--device", default="cpu", help="seq, table, decode: the models' device (cpu, cuda, ...); "
                    "hashing and lookup run on the CPU, where training hashes")
@@ -475,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         if mode is not None and not args.compile:
             raise ValueError("--compile-mode needs --compile")
         r["decode"] = bench_decode(settings["decode_tokens"], reps, settings["rows"], args.compile, args.batch, device,
-                                   compile_mode=mode)
+                                   compile_mode=mode, fuse_projections=args.fuse_projections)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     r["plots"] = plot(r, out)
     (out / "bench.json").write_text(json.dumps(r, indent=1))

@@ -434,6 +434,17 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         table_ids = {id(p) for p in self.table_parameters()}
         return [p for p in self.parameters() if id(p) not in table_ids]
 
+    def fuse_projections(self) -> "EngramForCausalLM":
+        """Each Engram layer's key and value projections as one matmul, for decoding
+        (:meth:`engram.nn.module.Engram.fuse_projections`); ``config.engram`` becomes
+        ``fused_kv=True``, so ``save_pretrained`` after this writes the fused layout. Returns the model."""
+        if any([e.fuse_projections() for e in self.engram.values()]):
+            self.engram_config = next(iter(self.engram.values())).config
+            for e in self.engram.values():
+                e.config = self.engram_config  # one config object, as built
+            self._store_engram(self.config, self.engram_config, self.hashing.state_dict_extra())
+        return self
+
     def freeze_backbone(self, frozen: bool = True) -> "EngramForCausalLM":
         """Train only Engram (``frozen=True``, seed 004's strategy A) or everything (``False``)."""
         for p in self.backbone.parameters():

@@ -278,6 +278,19 @@ class EngramGPT(nn.Module):
     def engram_layers(self) -> list[Engram]:
         return [b.engram for b in self.blocks if b.engram is not None]
 
+    def fuse_projections(self) -> "EngramGPT":
+        """Each Engram layer's key and value projections as one matmul (:meth:`Engram.fuse_projections`),
+        for decoding: one matmul fewer per Engram layer and step (docs/performance.md, "Fused
+        projections"). ``config.engram`` becomes ``fused_kv=True``, so a checkpoint saved after
+        this loads in the fused layout. Call it before ``compile``; returns the model."""
+        changed = [e.fuse_projections() for e in self.engram_layers()]
+        if any(changed):
+            cfg = self.engram_layers()[0].config
+            for e in self.engram_layers():
+                e.config = cfg  # one config object for the model, as built
+            self.config.engram = self.hashing.config = cfg  # (fused_kv does not change the hash)
+        return self
+
     def table_parameters(self) -> list[nn.Parameter]:
         """Trainable Engram tables (own optimizer group: Adam, 5x lr, no weight decay).
 

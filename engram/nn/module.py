@@ -240,6 +240,33 @@ class Engram(nn.Module):
             init.ones_(self.key_norm_weight)
             init.ones_(self.query_norm_weight)
 
+    @torch.no_grad()
+    def fuse_projections(self) -> bool:
+        """Swap ``key_proj`` and ``value_proj`` for one ``wkv`` holding both (``fused_kv=True``'s
+        layout: the M keys' rows, then the value's), so a step runs one matmul instead of two.
+
+        An inference swap, like diffusers' ``fuse_qkv_projections``: the same formula with one
+        ``E -> (M+1)*D`` matmul (equal to the two up to float summation order). The new weight
+        is a new parameter (an optimizer built before no longer holds it); ``self.config`` becomes
+        ``config.replace(fused_kv=True)``, so a saved model loads in the fused layout. Returns
+        whether anything changed (``False`` when already fused, lite, or without the gate: one
+        projection only).
+        """
+        cfg = self.config
+        if cfg.fused_kv or cfg.lite or not cfg.use_gate:
+            return False
+        k, v = self.key_proj, self.value_proj
+        wkv = nn.Linear(k.in_features, k.out_features + v.out_features, bias=k.bias is not None,
+                        device=k.weight.device, dtype=k.weight.dtype)
+        wkv.weight.copy_(torch.cat([k.weight, v.weight]))  # ((M+1)*D, E): keys first, then the value
+        if wkv.bias is not None:
+            wkv.bias.copy_(torch.cat([k.bias, v.bias]))
+        wkv.requires_grad_(k.weight.requires_grad)
+        del self.key_proj, self.value_proj
+        self.wkv = wkv
+        self.config = cfg.replace(fused_kv=True)
+        return True
+
     def _projections(self) -> list[nn.Linear]:
         if self.config.fused_kv:
             return [self.wkv]

@@ -249,14 +249,13 @@ def main() -> None:
             print(f"decode_parts {name:14s} base {'-' if b is None else f'{b:7.1f}':>7} engram {e:7.1f} us/forward",
                   flush=True)
     if "compiled" in only:  # batch 1 and 8: eager, then the models under model.compile(dynamic=True)
-        # Three compiled models share one dynamo cache of `forward` (GPT 2 graphs, each Engram model
-        # 3 per batch class): more than the default limit of 8.
+        # Every compiled model in a process shares one dynamo cache of `forward`: here the GPT's 2
+        # graphs and 3 for each Engram model per batch class, past the default limit of 8.
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 16))
         for batch in (1, 8):
-            # Every compiled model in a process shares one dynamo cache of `forward` (at most
-            # torch._dynamo.config.recompile_limit = 8 graphs); batch 1 and batch > 1 compile apart.
-            # Start each batch size with an empty cache, as a process serving one batch size has.
+            # Batch 1 and batch > 1 compile apart. Start each batch size with an empty cache, as a
+            # process serving one batch size has.
             torch._dynamo.reset()
             base = gpt(tok, None).eval().to(args.device)
             eng = gpt(tok, 20000, sparse).eval().to(args.device)

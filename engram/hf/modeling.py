@@ -52,7 +52,7 @@ from engram.hf.compat import Cache, DynamicCache, SubConfigSpec, strict
 from engram.hf.compat import initialization as init
 from engram.hf.families import FamilyAdapter, adapter_for
 from engram.nn.memory import MultiHeadEmbedding, table_parameters
-from engram.nn.module import Engram, ShortConv
+from engram.nn.module import Engram, ShortConv, fuse_layer_projections
 
 logger = logging.getLogger(__name__)
 
@@ -438,11 +438,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         """Each Engram layer's key and value projections as one matmul, for decoding
         (:meth:`engram.nn.module.Engram.fuse_projections`); ``config.engram`` becomes
         ``fused_kv=True``, so ``save_pretrained`` after this writes the fused layout. Returns the model."""
-        if any([e.fuse_projections() for e in self.engram.values()]):
-            self.engram_config = next(iter(self.engram.values())).config
-            for e in self.engram.values():
-                e.config = self.engram_config  # one config object, as built
-            self._store_engram(self.config, self.engram_config, self.hashing.state_dict_extra())
+        cfg = fuse_layer_projections(list(self.engram.values()))
+        if cfg is not None:
+            self.engram_config = cfg
+            self._store_engram(self.config, cfg, self.hashing.state_dict_extra())
         return self
 
     def freeze_backbone(self, frozen: bool = True) -> "EngramForCausalLM":

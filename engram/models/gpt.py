@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from engram.config import EngramConfig
 from engram.core.hashing import NgramHashMapping
 from engram.nn.memory import table_parameters
-from engram.nn.module import Engram, EngramLayerState
+from engram.nn.module import Engram, EngramLayerState, fuse_layer_projections
 from engram.core.tokenizer import static_address
 from engram.core.validation import assert_ids_in_vocab, check_ids, ids_checks_forced
 
@@ -280,14 +280,11 @@ class EngramGPT(nn.Module):
 
     def fuse_projections(self) -> "EngramGPT":
         """Each Engram layer's key and value projections as one matmul (:meth:`Engram.fuse_projections`),
-        for decoding: one matmul fewer per Engram layer and step (docs/performance.md, "Fused
-        projections"). ``config.engram`` becomes ``fused_kv=True``, so a checkpoint saved after
-        this loads in the fused layout. Call it before ``compile``; returns the model."""
-        changed = [e.fuse_projections() for e in self.engram_layers()]
-        if any(changed):
-            cfg = self.engram_layers()[0].config
-            for e in self.engram_layers():
-                e.config = cfg  # one config object for the model, as built
+        for decoding: one matmul fewer per Engram layer and step (docs/performance.md, "Eighth
+        round"). ``config.engram`` becomes ``fused_kv=True``, so a checkpoint saved after this
+        loads in the fused layout. Call it before ``compile``; returns the model."""
+        cfg = fuse_layer_projections(self.engram_layers())
+        if cfg is not None:
             self.config.engram = self.hashing.config = cfg  # (fused_kv does not change the hash)
         return self
 

@@ -351,3 +351,15 @@ class Engram(nn.Module):
                 "the other (module.to(dtype)) or run under torch.autocast"
             )
         return hidden_states
+
+
+def fuse_layer_projections(layers: list[Engram]) -> EngramConfig | None:
+    """:meth:`Engram.fuse_projections` on every layer of one model, which then share one config
+    object again (as when built). Returns that config, or ``None`` if no layer changed. The one
+    implementation behind ``EngramGPT.fuse_projections`` and ``EngramForCausalLM.fuse_projections``."""
+    if not any([e.fuse_projections() for e in layers]):  # a list: every layer fuses
+        return None
+    cfg = layers[0].config
+    for e in layers:
+        e.config = cfg
+    return cfg
